@@ -1,0 +1,413 @@
+//! The commands: sync, resync, unsync, clean. Each takes the lock, works from the runtime state
+//! (and its config snapshot once running), and leaves every target either fully synced or fully
+//! back on disk.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::config::{self, Config, Expand};
+use crate::copy::CopyStats;
+use crate::mount::{MountError, Mounter};
+use crate::nsops;
+use crate::owner::{self, Job, Output};
+use crate::plan::{self, Planned};
+use crate::recover::{self, RecoverError};
+use crate::snapshot;
+use crate::state::{self, Mode, Runtime, Stage, State, TargetState};
+
+/// How long a command waits for another one holding the lock (a resync of a big tree).
+const LOCK_WAIT: Duration = Duration::from_secs(600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Plan(#[from] plan::PlanError),
+    #[error(transparent)]
+    State(#[from] state::StateError),
+    #[error("{target}: {source}")]
+    Target {
+        target: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("asd is not running (no state in {0}); run `asd sync` first")]
+    NotRunning(PathBuf),
+    #[error("{} of {} targets failed; see the messages above", failed, total)]
+    Partial { failed: usize, total: usize },
+}
+
+fn target_err(target: &Path, e: impl std::error::Error + Send + Sync + 'static) -> EngineError {
+    EngineError::Target {
+        target: target.to_path_buf(),
+        source: Box::new(e),
+    }
+}
+
+/// Where to find things, and how to mount.
+pub struct Engine<'a> {
+    pub runtime: Runtime,
+    pub mounter: &'a dyn Mounter,
+    pub config_file: PathBuf,
+    pub expand: Expand,
+}
+
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Report {
+    pub already_running: bool,
+    pub synced: Vec<PathBuf>,
+    pub recovered: Vec<(PathBuf, recover::Recovery)>,
+    pub stats: Vec<(PathBuf, CopyStats)>,
+    pub unsynced: Vec<PathBuf>,
+}
+
+impl Engine<'_> {
+    fn load_config(&self) -> Result<(Config, Vec<u8>), EngineError> {
+        let text = std::fs::read(&self.config_file).map_err(|source| config::ConfigError::Read {
+            path: self.config_file.clone(),
+            source,
+        })?;
+        let (cfg, warnings) = config::parse(&String::from_utf8_lossy(&text), &self.config_file, &self.expand)?;
+        for w in warnings {
+            tracing::warn!("{}: line {}: {}", self.config_file.display(), w.line, w.message);
+        }
+        Ok((cfg, text))
+    }
+
+    /// `asd sync`: recover what a crash left, then put every target in RAM.
+    pub fn sync(&self) -> Result<Report, EngineError> {
+        let _lock = self.runtime.lock(LOCK_WAIT)?;
+        let mut report = Report::default();
+        let previous = self.runtime.load()?;
+        let (cfg, mut state) = match previous {
+            Some(prev) => {
+                if !prev.targets.is_empty() && prev.targets.iter().all(recover::is_live) {
+                    report.already_running = true;
+                    return Ok(report);
+                }
+                (prev.config.clone(), prev)
+            }
+            None => {
+                let (cfg, text) = self.load_config()?;
+                self.runtime.save_config_copy(&text)?;
+                let st = State::new(&self.config_file, &cfg);
+                (cfg, st)
+            }
+        };
+
+        // Targets the state knows but that are not intact: recover them from what was recorded.
+        for t in state.targets.clone() {
+            if recover::is_live(&t) {
+                continue;
+            }
+            let rec = recover::recover(self.mounter, &t, Some(t.stage), &state.config)
+                .map_err(|e| target_err(&t.paths.target, e))?;
+            report.recovered.push((t.paths.target.clone(), rec));
+            state.remove(&t.paths.target);
+            self.runtime.save(&state)?;
+        }
+
+        let live: Vec<PathBuf> = state.targets.iter().map(|t| t.paths.target.clone()).collect();
+        let mut todo_cfg = cfg.clone();
+        todo_cfg.whattosync.retain(|t| !live.contains(t));
+        if todo_cfg.whattosync.is_empty() && !live.is_empty() {
+            report.already_running = true;
+            return Ok(report);
+        }
+        let planned = plan::build(&todo_cfg, &self.config_file, false)?;
+        self.runtime.save(&state)?;
+
+        let mut failed = 0;
+        for p in &planned {
+            let t = TargetState {
+                paths: p.paths.clone(),
+                owner: p.owner.clone(),
+                mode: p.mode,
+                stage: Stage::Syncing,
+            };
+            // Leftovers on disk without any state: a reboot after a crash.
+            match recover::recover(self.mounter, &t, None, &cfg) {
+                Ok(rec) if rec.ungraceful => report.recovered.push((t.paths.target.clone(), rec)),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::error!("{}: recovery failed: {e}", t.paths.target.display());
+                    failed += 1;
+                    continue;
+                }
+            }
+            match self.sync_one(p, &cfg, &mut state) {
+                Ok(()) => report.synced.push(p.paths.target.clone()),
+                Err(e) => {
+                    tracing::error!("{e}");
+                    failed += 1;
+                }
+            }
+        }
+        if state.targets.is_empty() {
+            self.runtime.clear()?;
+        }
+        if failed > 0 {
+            return Err(EngineError::Partial {
+                failed,
+                total: planned.len(),
+            });
+        }
+        Ok(report)
+    }
+
+    fn sync_one(&self, p: &Planned, cfg: &Config, state: &mut State) -> Result<(), EngineError> {
+        let mut t = TargetState {
+            paths: p.paths.clone(),
+            owner: p.owner.clone(),
+            mode: p.mode,
+            stage: Stage::Syncing,
+        };
+        state.upsert(t.clone());
+        self.runtime.save(state)?;
+        if let Err(e) = self.mount_and_copy(&t, cfg) {
+            tracing::error!("{}: sync failed: {e}; undoing", t.paths.target.display());
+            // Undo: the original directory was never written, so dropping what we built loses
+            // nothing.
+            if let Err(u) = self.undo(&t) {
+                tracing::error!(
+                    "{}: could not undo everything: {u}; `asd sync` will recover it",
+                    t.paths.target.display()
+                );
+                return Err(e);
+            }
+            state.remove(&t.paths.target);
+            self.runtime.save(state)?;
+            return Err(e);
+        }
+        t.stage = Stage::Synced;
+        state.upsert(t.clone());
+        self.runtime.save(state)?;
+        tracing::info!("{} is now in RAM ({})", t.paths.target.display(), t.paths.volatile.display());
+        Ok(())
+    }
+
+    fn mount_and_copy(&self, t: &TargetState, cfg: &Config) -> Result<(), EngineError> {
+        let p = &t.paths;
+        let te = |e: MountError| target_err(&p.target, e);
+        let oe = |e: owner::OwnerError| target_err(&p.target, e);
+        self.mounter.prepare_area(&cfg.volatile, &p.user_area, &t.owner).map_err(te)?;
+        let mode_bits = {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::symlink_metadata(&p.target)
+                .map(|m| m.permissions().mode() & 0o7777)
+                .unwrap_or(0o700)
+        };
+        let mut dirs = vec![p.volatile.clone()];
+        if t.mode == Mode::Overlay {
+            dirs.push(p.upper.clone());
+            dirs.push(p.work.clone());
+        }
+        for d in dirs {
+            owner::run(&t.owner, &Job::MakeDirs { path: d, mode: mode_bits }, None).map_err(oe)?;
+        }
+        self.mounter.bind_backup(t).map_err(te)?;
+        if cfg.use_backups {
+            nsops::mkdir_owned(&p.old_partial, &t.owner).map_err(|e| target_err(&p.target, e))?;
+            owner::run(
+                &t.owner,
+                &Job::Clone {
+                    src: p.backup.clone(),
+                    dst: p.old_partial.clone(),
+                },
+                None,
+            )
+            .map_err(oe)?;
+            nsops::rename(&p.old_partial, &p.old).map_err(|e| target_err(&p.target, e))?;
+        }
+        match t.mode {
+            Mode::Copy => {
+                owner::run(
+                    &t.owner,
+                    &Job::Copy {
+                        src: p.backup.clone(),
+                        dst: p.volatile.clone(),
+                        delete: true,
+                        durable: false,
+                    },
+                    None,
+                )
+                .map_err(oe)?;
+            }
+            Mode::Overlay => self.mounter.mount_overlay(t).map_err(te)?,
+        }
+        self.mounter.cover(t).map_err(te)
+    }
+
+    /// Take apart a half-built sync of `t` whose original was never written.
+    fn undo(&self, t: &TargetState) -> Result<(), RecoverError> {
+        let f = recover::inspect(&t.paths);
+        if f.covered {
+            self.mounter.uncover(t)?;
+        }
+        self.mounter.release(t)?;
+        recover::cleanup(t)
+    }
+
+    /// Write one live target back to disk; durable when it returns.
+    fn write_back(&self, t: &TargetState) -> Result<CopyStats, EngineError> {
+        let p = &t.paths;
+        let job = match t.mode {
+            Mode::Copy => Job::Copy {
+                src: p.volatile.clone(),
+                dst: p.backup.clone(),
+                delete: true,
+                durable: true,
+            },
+            Mode::Overlay => Job::Persist {
+                upper: p.upper.clone(),
+                changes: p.changes.clone(),
+            },
+        };
+        match owner::run(&t.owner, &job, None).map_err(|e| target_err(&p.target, e))? {
+            Output::Stats(s) => Ok(s),
+            _ => Ok(CopyStats::default()),
+        }
+    }
+
+    /// `asd resync`: write every target back to disk.
+    pub fn resync(&self) -> Result<Report, EngineError> {
+        let _lock = self.runtime.lock(LOCK_WAIT)?;
+        let mut state = self
+            .runtime
+            .load()?
+            .ok_or_else(|| EngineError::NotRunning(self.runtime.dir().to_path_buf()))?;
+        let mut report = Report::default();
+        let mut failed = 0;
+        for t in &state.targets {
+            if !recover::is_live(t) {
+                tracing::error!(
+                    "{}: not in RAM any more (its mounts are gone or incomplete); run `asd sync` to recover it",
+                    t.paths.target.display()
+                );
+                failed += 1;
+                continue;
+            }
+            match self.write_back(t) {
+                Ok(s) => report.stats.push((t.paths.target.clone(), s)),
+                Err(e) => {
+                    tracing::error!("{e}");
+                    failed += 1;
+                }
+            }
+        }
+        state.last_resync = Some(state::now_secs());
+        self.runtime.save(&state)?;
+        if failed > 0 {
+            return Err(EngineError::Partial {
+                failed,
+                total: state.targets.len(),
+            });
+        }
+        Ok(report)
+    }
+
+    /// `asd unsync`: write back, unmount, and remove everything asd made. Works from the state's
+    /// config snapshot, so a target removed from the file meanwhile is still written back.
+    pub fn unsync(&self) -> Result<Report, EngineError> {
+        let _lock = self.runtime.lock(LOCK_WAIT)?;
+        let mut report = Report::default();
+        let Some(mut state) = self.runtime.load()? else {
+            return Ok(report);
+        };
+        let mut areas: Vec<(PathBuf, state::Owner)> = Vec::new();
+        for t in &state.targets {
+            if !areas.iter().any(|(a, _)| *a == t.paths.user_area) {
+                areas.push((t.paths.user_area.clone(), t.owner.clone()));
+            }
+        }
+        let mut failed = 0;
+        for t in state.targets.clone() {
+            let result = if recover::is_live(&t) {
+                self.unsync_live(&t)
+            } else {
+                recover::recover(self.mounter, &t, Some(t.stage), &state.config)
+                    .map(|rec| report.recovered.push((t.paths.target.clone(), rec)))
+                    .map_err(|e| target_err(&t.paths.target, e))
+            };
+            match result {
+                Ok(()) => {
+                    state.remove(&t.paths.target);
+                    self.runtime.save(&state)?;
+                    report.unsynced.push(t.paths.target.clone());
+                }
+                Err(e) => {
+                    tracing::error!("{e}");
+                    failed += 1;
+                }
+            }
+        }
+        if failed > 0 {
+            return Err(EngineError::Partial {
+                failed,
+                total: report.unsynced.len() + failed,
+            });
+        }
+        self.runtime.clear()?;
+        // A user's area may hold other targets elsewhere in it: prune only empty directories,
+        // as the owner.
+        for (area, owner) in areas {
+            let _ = owner::run(&owner, &Job::Prune { path: area }, None);
+        }
+        Ok(report)
+    }
+
+    fn unsync_live(&self, t: &TargetState) -> Result<(), EngineError> {
+        let p = &t.paths;
+        let te = |e: MountError| target_err(&p.target, e);
+        self.write_back(t)?;
+        self.mounter.uncover(t).map_err(te)?;
+        // Catch what was written between the write-back and the unmount.
+        self.write_back(t)?;
+        if t.mode == Mode::Overlay {
+            // The overlay must be gone before its upper layer is applied to the lower.
+            self.mounter.release(t).map_err(te)?;
+            owner::run(
+                &t.owner,
+                &Job::Apply {
+                    changes: p.changes.clone(),
+                    dst: p.target.clone(),
+                },
+                None,
+            )
+            .map_err(|e| target_err(&p.target, e))?;
+        } else {
+            self.mounter.release(t).map_err(te)?;
+        }
+        recover::cleanup(t).map_err(|e| target_err(&p.target, e))?;
+        tracing::info!("{} is back on disk", p.target.display());
+        Ok(())
+    }
+
+    /// `asd clean`: delete every crash-recovery snapshot of the configured targets.
+    pub fn clean(&self) -> Result<Vec<PathBuf>, EngineError> {
+        let cfg = match self.runtime.load()? {
+            Some(st) => st.config,
+            None => self.load_config()?.0,
+        };
+        let mut removed = Vec::new();
+        for target in &cfg.whattosync {
+            let Some(paths) = crate::paths::TargetPaths::new(target, "-", &cfg.volatile) else {
+                continue;
+            };
+            let gone = snapshot::remove_all(paths.parent(), &paths.snapshot_prefix())
+                .map_err(|e| target_err(target, e))?;
+            if gone.is_empty() {
+                println!("no crash-recovery snapshots for {}", target.display());
+            } else {
+                println!("deleting {} crash-recovery snapshot(s) of {}:", gone.len(), target.display());
+                for g in &gone {
+                    println!("  {}", g.display());
+                }
+            }
+            removed.extend(gone);
+        }
+        Ok(removed)
+    }
+}
+

@@ -1,0 +1,406 @@
+//! The mount step (DESIGN.md §2): one seam, `Mounter`, with the in-process implementation used
+//! when the manager is root. The per-user mode implements the same trait by asking the helper.
+//!
+//! Even as root every path is opened without following symlinks and mounted through the opened
+//! descriptors: a target owned by a user sits in a directory that user may rename things in, and a
+//! swap between check and mount must not make root mount somewhere else.
+
+use std::ffi::OsStr;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use rustix::fs::{Mode as FsMode, OFlags, ResolveFlags};
+use rustix::mount::{
+    FsMountFlags, FsOpenFlags, MountAttrFlags, MoveMountFlags, OpenTreeFlags, UnmountFlags,
+};
+
+use crate::mountinfo;
+use crate::state::{Mode, Owner, TargetState};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    #[error("{op} {path}: {source}")]
+    Sys {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {reason}")]
+    Refused { path: PathBuf, reason: String },
+    #[error("{path} is busy: a process still has files open in it. The data has been written back and stays in RAM; close those programs (see `fuser -vm {path}`) and run `asd unsync` again")]
+    Busy { path: PathBuf },
+    #[error("the kernel has no overlay filesystem (not in /proc/filesystems and `modprobe overlay` failed); set USE_OVERLAYFS=no")]
+    NoOverlay,
+    #[error("the helper: {0}")]
+    Helper(String),
+}
+
+fn sys<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(rustix::io::Errno) -> MountError + 'a {
+    move |e| MountError::Sys {
+        op,
+        path: path.to_path_buf(),
+        source: e.into(),
+    }
+}
+
+/// The privileged steps of syncing a target. Everything else runs unprivileged.
+pub trait Mounter {
+    /// Create `$VOLATILE/asd-<user>` (0700, the owner's), refusing anything unexpected there.
+    fn prepare_area(&self, volatile: &Path, area: &Path, owner: &Owner) -> Result<(), MountError>;
+    /// Create the backup directory and bind the original target onto it.
+    fn bind_backup(&self, t: &TargetState) -> Result<(), MountError>;
+    /// Overlay mode: mount the overlay (lower: backup, upper/work in the user's area) on the
+    /// volatile path.
+    fn mount_overlay(&self, t: &TargetState) -> Result<(), MountError>;
+    /// Bind the volatile copy (or merged overlay view) over the target.
+    fn cover(&self, t: &TargetState) -> Result<(), MountError>;
+    /// Remove the cover from the target; never lazily: a busy target stays covered.
+    fn uncover(&self, t: &TargetState) -> Result<(), MountError>;
+    /// Unmount the overlay and the backup bind, and remove the (empty) backup directory.
+    fn release(&self, t: &TargetState) -> Result<(), MountError>;
+}
+
+/// Mounts done by this process (the manager runs as root).
+pub struct InProcess;
+
+/// Open a directory as an O_PATH descriptor; any symlink in any component is refused (ELOOP).
+pub fn open_dir(path: &Path) -> Result<OwnedFd, MountError> {
+    rustix::fs::openat2(
+        rustix::fs::CWD,
+        path,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        FsMode::empty(),
+        ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+    )
+    .map_err(|e| {
+        if e == rustix::io::Errno::LOOP {
+            MountError::Refused {
+                path: path.to_path_buf(),
+                reason: "a symlink is in the path; asd mounts only real directories".into(),
+            }
+        } else {
+            sys("open", path)(e)
+        }
+    })
+}
+
+fn fstat(fd: &OwnedFd, path: &Path) -> Result<rustix::fs::Stat, MountError> {
+    rustix::fs::fstat(fd).map_err(sys("stat", path))
+}
+
+/// `struct mount_attr` of mount_setattr(2); not wrapped by rustix 1.x.
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+/// Make a detached mount private (so later mounts on the target do not propagate into it, nor it
+/// into its origin's peers) and apply `attrs`, before it is attached anywhere.
+fn set_private(tree: &OwnedFd, attrs: MountAttrFlags, path: &Path) -> Result<(), MountError> {
+    let attr = MountAttr {
+        attr_set: u64::from(attrs.bits()),
+        attr_clr: 0,
+        propagation: libc::MS_PRIVATE,
+        userns_fd: 0,
+    };
+    // SAFETY: mount_setattr reads `size_of::<MountAttr>()` bytes from a valid, live struct laid out
+    // as the kernel's `struct mount_attr` (MOUNT_ATTR_SIZE_VER0 = 32 bytes); the path is a valid
+    // NUL-terminated empty string used with AT_EMPTY_PATH on an fd we own.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH as libc::c_uint,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if rc != 0 {
+        return Err(MountError::Sys {
+            op: "mount_setattr",
+            path: path.to_path_buf(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
+/// Bind the directory open as `src` onto the directory open as `dst`: a private, non-recursive
+/// clone, attached through descriptors.
+fn bind_fd(src: &OwnedFd, dst: &OwnedFd, src_path: &Path, dst_path: &Path) -> Result<(), MountError> {
+    let tree = rustix::mount::open_tree(
+        src,
+        "",
+        OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC | OpenTreeFlags::AT_EMPTY_PATH,
+    )
+    .map_err(sys("open_tree", src_path))?;
+    set_private(&tree, MountAttrFlags::MOUNT_ATTR_NOSUID | MountAttrFlags::MOUNT_ATTR_NODEV, src_path)?;
+    rustix::mount::move_mount(
+        &tree,
+        "",
+        dst,
+        "",
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
+    )
+    .map_err(sys("move_mount", dst_path))
+}
+
+/// Open `path` as a directory owned by `owner`, or refuse.
+fn open_owned_dir(path: &Path, owner: &Owner) -> Result<OwnedFd, MountError> {
+    let fd = open_dir(path)?;
+    let st = fstat(&fd, path)?;
+    if st.st_uid != owner.uid {
+        return Err(MountError::Refused {
+            path: path.to_path_buf(),
+            reason: format!("owned by uid {}, expected {} ({})", st.st_uid, owner.uid, owner.name),
+        });
+    }
+    Ok(fd)
+}
+
+fn split_parent(path: &Path) -> Result<(&Path, &OsStr), MountError> {
+    match (path.parent(), path.file_name()) {
+        (Some(p), Some(n)) => Ok((p, n)),
+        _ => Err(MountError::Refused {
+            path: path.to_path_buf(),
+            reason: "has no parent directory".into(),
+        }),
+    }
+}
+
+/// mkdir `name` in the directory `parent_fd` unless it exists; returns whether it was created.
+fn mkdir_at(parent_fd: &OwnedFd, name: &OsStr, mode: u32, path: &Path) -> Result<bool, MountError> {
+    match rustix::fs::mkdirat(parent_fd, name, FsMode::from_raw_mode(mode)) {
+        Ok(()) => Ok(true),
+        Err(rustix::io::Errno::EXIST) => Ok(false),
+        Err(e) => Err(sys("mkdir", path)(e)),
+    }
+}
+
+/// Open `name` inside `parent_fd` as a directory, never through a symlink.
+fn open_child_dir(parent_fd: &OwnedFd, name: &OsStr, path: &Path) -> Result<OwnedFd, MountError> {
+    rustix::fs::openat(
+        parent_fd,
+        name,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        FsMode::empty(),
+    )
+    .map_err(|e| match e {
+        rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR => MountError::Refused {
+            path: path.to_path_buf(),
+            reason: "exists and is not a directory".into(),
+        },
+        e => sys("open", path)(e),
+    })
+}
+
+fn is_empty_dir(fd: &OwnedFd, path: &Path) -> Result<bool, MountError> {
+    let dup = rustix::io::dup(fd).map_err(sys("dup", path))?;
+    let mut dir = rustix::fs::Dir::new(dup).map_err(sys("opendir", path))?;
+    while let Some(entry) = dir.read() {
+        let entry = entry.map_err(sys("readdir", path))?;
+        let name = entry.file_name().to_bytes();
+        if name != b"." && name != b".." {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Which device a mount on `path` must have to be ours: the volatile copy's filesystem.
+fn dev_of(path: &Path) -> Option<(u32, u32)> {
+    let fd = open_dir(path).ok()?;
+    let st = rustix::fs::fstat(&fd).ok()?;
+    Some((rustix::fs::major(st.st_dev), rustix::fs::minor(st.st_dev)))
+}
+
+/// Unmount the top mount on `path` if `accept` says it is ours; `Ok(false)` if nothing to do.
+fn unmount_if(path: &Path, accept: impl Fn(&mountinfo::MountEntry) -> bool) -> Result<bool, MountError> {
+    let table = mountinfo::read().map_err(|source| MountError::Sys {
+        op: "read mountinfo",
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let Some(top) = mountinfo::mounts_at(&table, path).last().copied() else {
+        return Ok(false);
+    };
+    if !accept(top) {
+        return Err(MountError::Refused {
+            path: path.to_path_buf(),
+            reason: format!("the mount there ({} from {}) is not one asd made; leaving it alone", top.fs_type, top.source),
+        });
+    }
+    match rustix::mount::unmount(path, UnmountFlags::NOFOLLOW) {
+        Ok(()) => Ok(true),
+        Err(rustix::io::Errno::BUSY) => Err(MountError::Busy { path: path.to_path_buf() }),
+        Err(e) => Err(sys("umount", path)(e)),
+    }
+}
+
+/// Is an overlay filesystem available? Loads the module if needed.
+pub fn overlay_supported() -> bool {
+    let has = || {
+        std::fs::read_to_string("/proc/filesystems")
+            .map(|s| s.lines().any(|l| l.split_whitespace().last() == Some("overlay")))
+            .unwrap_or(false)
+    };
+    if has() {
+        return true;
+    }
+    let _ = std::process::Command::new("modprobe")
+        .arg("overlay")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
+    has()
+}
+
+impl Mounter for InProcess {
+    fn prepare_area(&self, volatile: &Path, area: &Path, owner: &Owner) -> Result<(), MountError> {
+        let vol_fd = open_dir(volatile)?;
+        let (_, name) = split_parent(area)?;
+        let created = mkdir_at(&vol_fd, name, 0o700, area)?;
+        let fd = open_child_dir(&vol_fd, name, area)?;
+        let st = fstat(&fd, area)?;
+        if created {
+            rustix::fs::fchown(&fd, Some(uid(owner.uid)), Some(gid(owner.gid))).map_err(sys("chown", area))?;
+        } else if st.st_uid != owner.uid {
+            return Err(MountError::Refused {
+                path: area.to_path_buf(),
+                reason: format!(
+                    "exists but belongs to uid {}, not {}; remove it or choose another VOLATILE",
+                    st.st_uid, owner.name
+                ),
+            });
+        }
+        rustix::fs::fchmod(&fd, FsMode::from_raw_mode(0o700)).map_err(sys("chmod", area))?;
+        Ok(())
+    }
+
+    fn bind_backup(&self, t: &TargetState) -> Result<(), MountError> {
+        let p = &t.paths;
+        let target_fd = open_owned_dir(&p.target, &t.owner)?;
+        let table = mountinfo::read().map_err(|source| MountError::Sys {
+            op: "read mountinfo",
+            path: p.target.clone(),
+            source,
+        })?;
+        if mountinfo::is_mount_point(&table, &p.backup) {
+            return Err(MountError::Refused {
+                path: p.backup.clone(),
+                reason: "something is already mounted there".into(),
+            });
+        }
+        let below = mountinfo::mounts_below(&table, &p.target);
+        if let Some(m) = below.first() {
+            return Err(MountError::Refused {
+                path: p.target.clone(),
+                reason: format!(
+                    "has another mount inside it ({}); asd does not sync directories with mounts beneath them",
+                    m.mount_point.display()
+                ),
+            });
+        }
+        let st = fstat(&target_fd, &p.target)?;
+        let (parent, name) = split_parent(&p.backup)?;
+        let parent_fd = open_dir(parent)?;
+        let created = mkdir_at(&parent_fd, name, st.st_mode & 0o7777, &p.backup)?;
+        let backup_fd = open_child_dir(&parent_fd, name, &p.backup)?;
+        if created {
+            rustix::fs::fchown(&backup_fd, Some(uid(t.owner.uid)), Some(gid(t.owner.gid)))
+                .map_err(sys("chown", &p.backup))?;
+        } else if !is_empty_dir(&backup_fd, &p.backup)? {
+            return Err(MountError::Refused {
+                path: p.backup.clone(),
+                reason: "exists and is not empty; asd will not mount over files it did not make. Move it away and try again".into(),
+            });
+        }
+        bind_fd(&target_fd, &backup_fd, &p.target, &p.backup)
+    }
+
+    fn mount_overlay(&self, t: &TargetState) -> Result<(), MountError> {
+        if !overlay_supported() {
+            return Err(MountError::NoOverlay);
+        }
+        let p = &t.paths;
+        let lower = open_owned_dir(&p.backup, &t.owner)?;
+        let upper = open_owned_dir(&p.upper, &t.owner)?;
+        let work = open_owned_dir(&p.work, &t.owner)?;
+        let merged = open_owned_dir(&p.volatile, &t.owner)?;
+        let fs = rustix::mount::fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC).map_err(sys("fsopen overlay", &p.volatile))?;
+        let cfg = |key: &str, fd: &OwnedFd, path: &Path| {
+            rustix::mount::fsconfig_set_fd(&fs, key, fd.as_fd()).map_err(sys("fsconfig", path))
+        };
+        cfg("lowerdir+", &lower, &p.backup)?;
+        cfg("upperdir", &upper, &p.upper)?;
+        cfg("workdir", &work, &p.work)?;
+        // userxattr keeps opaque markers readable by the owner (user.overlay.*), so the
+        // unprivileged persist step can see replaced directories.
+        rustix::mount::fsconfig_set_flag(&fs, "userxattr").map_err(sys("fsconfig userxattr", &p.volatile))?;
+        rustix::mount::fsconfig_create(&fs).map_err(sys("overlay create", &p.volatile))?;
+        let mnt = rustix::mount::fsmount(
+            &fs,
+            FsMountFlags::FSMOUNT_CLOEXEC,
+            MountAttrFlags::MOUNT_ATTR_NOSUID | MountAttrFlags::MOUNT_ATTR_NODEV,
+        )
+        .map_err(sys("fsmount", &p.volatile))?;
+        set_private(&mnt, MountAttrFlags::empty(), &p.volatile)?;
+        rustix::mount::move_mount(
+            &mnt,
+            "",
+            &merged,
+            "",
+            MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
+        )
+        .map_err(sys("move_mount", &p.volatile))
+    }
+
+    fn cover(&self, t: &TargetState) -> Result<(), MountError> {
+        let p = &t.paths;
+        let src = open_owned_dir(&p.volatile, &t.owner)?;
+        let target = open_owned_dir(&p.target, &t.owner)?;
+        bind_fd(&src, &target, &p.volatile, &p.target)
+    }
+
+    fn uncover(&self, t: &TargetState) -> Result<(), MountError> {
+        let p = &t.paths;
+        let want = dev_of(&p.volatile);
+        unmount_if(&p.target, |m| Some(m.dev) == want || want.is_none() && is_volatile_fs(m))?;
+        Ok(())
+    }
+
+    fn release(&self, t: &TargetState) -> Result<(), MountError> {
+        let p = &t.paths;
+        if t.mode == Mode::Overlay {
+            unmount_if(&p.volatile, |m| m.fs_type == "overlay")?;
+        }
+        // The backup is a bind of the target's own filesystem: same device as the parent dir.
+        let parent_dev = p.target.parent().and_then(dev_of);
+        unmount_if(&p.backup, |m| Some(m.dev) == parent_dev)?;
+        match std::fs::remove_dir(&p.backup) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => {
+                tracing::warn!("left {} in place: {e}", p.backup.display());
+                Ok(())
+            }
+        }
+    }
+}
+
+fn is_volatile_fs(m: &mountinfo::MountEntry) -> bool {
+    matches!(m.fs_type.as_str(), "tmpfs" | "overlay") || m.source.as_bytes().starts_with(b"/dev/zram")
+}
+
+fn uid(u: u32) -> rustix::fs::Uid {
+    rustix::fs::Uid::from_raw(u)
+}
+
+fn gid(g: u32) -> rustix::fs::Gid {
+    rustix::fs::Gid::from_raw(g)
+}

@@ -1,0 +1,123 @@
+//! Namespace operations in a target's parent directory (create, rename, remove entries by name),
+//! done by the manager itself: they read no user data, and the parent may be writable only by
+//! root (e.g. `/srv` for `/srv/http`). Everything is relative to an opened parent descriptor and
+//! never follows a symlink.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+
+use rustix::fs::{AtFlags, Mode, OFlags};
+
+use crate::mount::open_dir;
+use crate::state::Owner;
+
+#[derive(Debug, thiserror::Error)]
+#[error("{op} {path}: {source}")]
+pub struct NsError {
+    pub op: &'static str,
+    pub path: PathBuf,
+    #[source]
+    pub source: std::io::Error,
+}
+
+fn err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(rustix::io::Errno) -> NsError + 'a {
+    move |e| NsError {
+        op,
+        path: path.to_path_buf(),
+        source: e.into(),
+    }
+}
+
+fn parent_and_name(path: &Path) -> Result<(OwnedFd, &OsStr), NsError> {
+    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(NsError {
+            op: "split",
+            path: path.to_path_buf(),
+            source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+        });
+    };
+    let fd = open_dir(parent).map_err(|e| NsError {
+        op: "open parent of",
+        path: path.to_path_buf(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    Ok((fd, name))
+}
+
+fn chown_fd(fd: &OwnedFd, owner: &Owner, path: &Path) -> Result<(), NsError> {
+    if rustix::process::geteuid().as_raw() == owner.uid {
+        return Ok(());
+    }
+    rustix::fs::fchown(
+        fd,
+        Some(rustix::fs::Uid::from_raw(owner.uid)),
+        Some(rustix::fs::Gid::from_raw(owner.gid)),
+    )
+    .map_err(err("chown", path))
+}
+
+/// Create the directory `path` (0700, given to `owner`); it must not exist.
+pub fn mkdir_owned(path: &Path, owner: &Owner) -> Result<(), NsError> {
+    let (parent, name) = parent_and_name(path)?;
+    rustix::fs::mkdirat(&parent, name, Mode::from_raw_mode(0o700)).map_err(err("mkdir", path))?;
+    let fd = rustix::fs::openat(
+        &parent,
+        name,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(err("open", path))?;
+    chown_fd(&fd, owner, path)
+}
+
+/// Create the new file `path` (0600, given to `owner`) and return it open for writing.
+pub fn create_owned_file(path: &Path, owner: &Owner) -> Result<File, NsError> {
+    let (parent, name) = parent_and_name(path)?;
+    let fd = rustix::fs::openat(
+        &parent,
+        name,
+        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o600),
+    )
+    .map_err(err("create", path))?;
+    chown_fd(&fd, owner, path)?;
+    Ok(File::from(fd))
+}
+
+/// Rename within one directory, then make the rename durable.
+pub fn rename(from: &Path, to: &Path) -> Result<(), NsError> {
+    let (parent, from_name) = parent_and_name(from)?;
+    let to_name = to.file_name().unwrap_or_default();
+    rustix::fs::renameat(&parent, from_name, &parent, to_name).map_err(err("rename", from))?;
+    sync_dir(&parent, from)
+}
+
+fn sync_dir(fd: &OwnedFd, path: &Path) -> Result<(), NsError> {
+    let dir = rustix::fs::openat(fd, ".", OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+        .map_err(err("open", path))?;
+    rustix::fs::fsync(&dir).map_err(err("fsync", path))
+}
+
+/// Remove an empty directory; a missing one is fine.
+pub fn rmdir(path: &Path) -> Result<(), NsError> {
+    let (parent, name) = parent_and_name(path)?;
+    match rustix::fs::unlinkat(&parent, name, AtFlags::REMOVEDIR) {
+        Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
+        Err(e) => Err(err("rmdir", path)(e)),
+    }
+}
+
+/// Remove a file (never a directory, never through a symlink); a missing one is fine.
+pub fn unlink(path: &Path) -> Result<(), NsError> {
+    let (parent, name) = parent_and_name(path)?;
+    match rustix::fs::unlinkat(&parent, name, AtFlags::empty()) {
+        Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
+        Err(e) => Err(err("remove", path)(e)),
+    }
+}
+
+pub fn exists(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok()
+}

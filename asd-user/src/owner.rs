@@ -1,0 +1,265 @@
+//! Running data work as the owner of the data (DESIGN.md §1): when the manager is root and a
+//! target belongs to someone else, each job runs in a child process of this same binary that has
+//! dropped to the owner's uid, gid and groups. Root keeps only the mount step.
+
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use crate::copy::{self, CopyOptions, CopyStats};
+use crate::state::Owner;
+
+/// Argument that turns the `asd` binary into a worker (not a user command).
+pub const WORKER_ARG: &str = "__worker";
+/// The descriptor a job's output file (a snapshot) is passed on.
+const JOB_FD: i32 = 3;
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub enum Job {
+    /// `mkdir -p` with `mode` for the last component (inside the owner's area).
+    MakeDirs { path: PathBuf, mode: u32 },
+    Copy { src: PathBuf, dst: PathBuf, delete: bool, durable: bool },
+    /// Hard-linked clone of `src` into the existing empty directory `dst`.
+    Clone { src: PathBuf, dst: PathBuf },
+    /// Write a tar.zstd of `src` (members under `top`) to the passed descriptor.
+    Snapshot { src: PathBuf, top: PathBuf },
+    /// Remove everything inside `path`, keeping `path` itself (its parent may not be the owner's).
+    Empty { path: PathBuf },
+    /// Remove `path` and everything in it (only used where the owner may remove `path`).
+    Remove { path: PathBuf },
+    /// Remove `path` and the empty directories inside it; anything non-empty stays.
+    Prune { path: PathBuf },
+    RemoveTempFiles { root: PathBuf },
+    TreeSize { path: PathBuf },
+    FindHardlinks { root: PathBuf },
+    /// Overlay mode: persist the upper layer's changes (see `overlay`).
+    Persist { upper: PathBuf, changes: PathBuf },
+    /// Overlay mode: apply persisted changes (or an upper layer) onto a directory.
+    Apply { changes: PathBuf, dst: PathBuf },
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub enum Output {
+    Done,
+    Stats(CopyStats),
+    Bytes(u64),
+    Count(u64),
+    Paths(Vec<PathBuf>),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OwnerError {
+    #[error("{0}")]
+    Job(String),
+    #[error("could not start a worker as {user}: {source}")]
+    Spawn {
+        user: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the worker running as {user} failed: {reason}")]
+    Worker { user: String, reason: String },
+}
+
+/// Run `job` as `owner`: in this process when we already are that user, otherwise in a worker
+/// child that has dropped to the owner's identity. `fd` is handed to the job (snapshots).
+pub fn run(owner: &Owner, job: &Job, fd: Option<OwnedFd>) -> Result<Output, OwnerError> {
+    if nix::unistd::geteuid().as_raw() == owner.uid {
+        return execute(job, fd).map_err(OwnerError::Job);
+    }
+    run_in_worker(owner, job, fd)
+}
+
+fn run_in_worker(owner: &Owner, job: &Job, fd: Option<OwnedFd>) -> Result<Output, OwnerError> {
+    let spawn_err = |source| OwnerError::Spawn {
+        user: owner.name.clone(),
+        source,
+    };
+    let input = serde_json::to_vec(job).map_err(|e| spawn_err(std::io::Error::other(e)))?;
+    let exe = std::env::current_exe().map_err(spawn_err)?;
+    let mut cmd = Command::new(exe);
+    cmd.arg(WORKER_ARG)
+        .current_dir("/")
+        .env_clear()
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    for key in ["RUST_LOG", "DEBUG", "ASD_LOG", "NO_COLOR"] {
+        if let Some(v) = std::env::var_os(key) {
+            cmd.env(key, v);
+        }
+    }
+    let uid = owner.uid;
+    let gid = owner.gid;
+    let groups: Vec<libc::gid_t> = owner.groups.clone();
+    let raw_fd = fd.as_ref().map(|f| f.as_raw_fd());
+    // SAFETY: the closure runs in the forked child before exec and only makes async-signal-safe
+    // system calls (dup2, prctl, setgroups, setgid, setuid) on values computed before the fork; it
+    // allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            if let Some(src) = raw_fd {
+                if libc::dup2(src, JOB_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            // The worker must not outlive a manager that was killed, nor gain privileges.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0
+                || libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as libc::c_ulong, 0, 0, 0) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                || libc::setgid(gid) != 0
+                || libc::setuid(uid) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            // Refuse to go on if root could be regained.
+            if libc::setuid(0) == 0 {
+                return Err(std::io::Error::from_raw_os_error(libc::EPERM));
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(spawn_err)?;
+    drop(fd);
+    let worker_err = |reason: String| OwnerError::Worker {
+        user: owner.name.clone(),
+        reason,
+    };
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(&input).map_err(|e| worker_err(format!("sending the job: {e}")))?;
+    }
+    let mut out = Vec::new();
+    if let Some(mut stdout) = child.stdout.take() {
+        stdout
+            .read_to_end(&mut out)
+            .map_err(|e| worker_err(format!("reading its answer: {e}")))?;
+    }
+    let status = child.wait().map_err(|e| worker_err(format!("waiting: {e}")))?;
+    let reply: Result<Output, String> = serde_json::from_slice(&out)
+        .map_err(|_| worker_err(format!("it exited with {status} without an answer")))?;
+    reply.map_err(OwnerError::Job)
+}
+
+/// Entry point of the worker process: one job from stdin, its result as JSON on stdout.
+pub fn worker_main() -> i32 {
+    let mut input = Vec::new();
+    if let Err(e) = std::io::stdin().read_to_end(&mut input) {
+        eprintln!("asd worker: reading the job: {e}");
+        return 2;
+    }
+    let job: Job = match serde_json::from_slice(&input) {
+        Ok(j) => j,
+        Err(e) => {
+            eprintln!("asd worker: bad job: {e}");
+            return 2;
+        }
+    };
+    // SAFETY: JOB_FD was placed by our parent only for jobs that take a descriptor; we take
+    // ownership once, here, and nothing else in this process uses that number.
+    let fd = matches!(job, Job::Snapshot { .. })
+        .then(|| unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(JOB_FD) });
+    let result = execute(&job, fd);
+    let code = i32::from(result.is_err());
+    match serde_json::to_vec(&result) {
+        Ok(bytes) => {
+            let mut out = std::io::stdout().lock();
+            if out.write_all(&bytes).and_then(|_| out.flush()).is_err() {
+                return 2;
+            }
+        }
+        Err(_) => return 2,
+    }
+    code
+}
+
+fn execute(job: &Job, fd: Option<OwnedFd>) -> Result<Output, String> {
+    let e = |x: &dyn std::fmt::Display| x.to_string();
+    match job {
+        Job::MakeDirs { path, mode } => {
+            use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(path)
+                .map_err(|x| format!("mkdir {}: {x}", path.display()))?;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(*mode))
+                .map_err(|x| format!("chmod {}: {x}", path.display()))?;
+            Ok(Output::Done)
+        }
+        Job::Copy { src, dst, delete, durable } => copy::sync_tree(
+            src,
+            dst,
+            &CopyOptions {
+                delete: *delete,
+                durable: *durable,
+            },
+        )
+        .map(Output::Stats)
+        .map_err(|x| e(&x)),
+        Job::Clone { src, dst } => copy::hardlink_clone(src, dst).map(Output::Stats).map_err(|x| e(&x)),
+        Job::Snapshot { src, top } => {
+            let fd = fd.ok_or("no output descriptor for the snapshot")?;
+            crate::snapshot::write_to(src, top.as_os_str(), std::fs::File::from(fd))
+                .map(Output::Bytes)
+                .map_err(|x| e(&x))
+        }
+        Job::Empty { path } => empty_dir(path).map(|_| Output::Done),
+        Job::Remove { path } => match std::fs::remove_dir_all(path) {
+            Ok(()) => Ok(Output::Done),
+            Err(x) if x.kind() == std::io::ErrorKind::NotFound => Ok(Output::Done),
+            Err(x) => Err(format!("remove {}: {x}", path.display())),
+        },
+        Job::Prune { path } => {
+            prune(path);
+            Ok(Output::Done)
+        }
+        Job::RemoveTempFiles { root } => copy::remove_temp_files(root).map(Output::Count).map_err(|x| e(&x)),
+        Job::TreeSize { path } => copy::tree_size(path).map(Output::Bytes).map_err(|x| e(&x)),
+        Job::FindHardlinks { root } => copy::find_hardlinked_files(root, 10)
+            .map(Output::Paths)
+            .map_err(|x| e(&x)),
+        Job::Persist { upper, changes } => crate::overlay::persist(upper, changes)
+            .map(Output::Stats)
+            .map_err(|x| e(&x)),
+        Job::Apply { changes, dst } => crate::overlay::apply(changes, dst)
+            .map(Output::Stats)
+            .map_err(|x| e(&x)),
+    }
+}
+
+/// Remove the contents of `path` without following symlinks (remove_dir_all does not follow them).
+fn empty_dir(path: &std::path::Path) -> Result<(), String> {
+    let entries = match std::fs::read_dir(path) {
+        Ok(e) => e,
+        Err(x) if x.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(x) => return Err(format!("read {}: {x}", path.display())),
+    };
+    for entry in entries {
+        let entry = entry.map_err(|x| format!("read {}: {x}", path.display()))?;
+        let p = entry.path();
+        let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
+        let r = if is_dir { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+        match r {
+            Ok(()) => {}
+            Err(x) if x.kind() == std::io::ErrorKind::NotFound => {}
+            Err(x) => return Err(format!("remove {}: {x}", p.display())),
+        }
+    }
+    Ok(())
+}
+
+fn prune(dir: &std::path::Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                prune(&entry.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+}

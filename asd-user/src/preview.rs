@@ -1,0 +1,195 @@
+//! `asd preview`: what asd will do or is doing, per target (the fields of asd 6.0's example), as
+//! text or JSON. Reads sizes as each target's owner; changes nothing.
+
+use std::path::{Path, PathBuf};
+
+use crate::config::Config;
+use crate::owner::{self, Job, Output};
+use crate::paths::TargetPaths;
+use crate::plan;
+use crate::recover;
+use crate::snapshot;
+use crate::state::{Mode, State};
+
+#[derive(Debug, serde::Serialize)]
+pub struct Snapshot {
+    pub path: PathBuf,
+    pub bytes: u64,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct TargetView {
+    pub owner: String,
+    pub uid: u32,
+    pub group: String,
+    pub gid: u32,
+    pub target: PathBuf,
+    pub sync_target: PathBuf,
+    pub tmpfs_target: PathBuf,
+    pub mode: Mode,
+    /// Apparent size of the data (the RAM copy while synced).
+    pub dir_size: Option<u64>,
+    /// Overlay mode: size of the changed files held in RAM.
+    pub overlay_size: Option<u64>,
+    pub in_ram: bool,
+    pub recovery_snapshots: Vec<Snapshot>,
+    pub problem: Option<String>,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct Preview {
+    pub config_file: PathBuf,
+    pub running: bool,
+    pub started: Option<u64>,
+    pub last_resync: Option<u64>,
+    pub volatile: PathBuf,
+    pub volatile_fs: Option<String>,
+    pub resync_interval_secs: u64,
+    pub targets: Vec<TargetView>,
+}
+
+fn group_name(gid: u32) -> String {
+    nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(gid))
+        .ok()
+        .flatten()
+        .map(|g| g.name)
+        .unwrap_or_else(|| gid.to_string())
+}
+
+fn size_as(owner: &crate::state::Owner, path: &Path) -> Option<u64> {
+    match owner::run(owner, &Job::TreeSize { path: path.to_path_buf() }, None) {
+        Ok(Output::Bytes(b)) => Some(b),
+        _ => None,
+    }
+}
+
+pub fn build(config_file: &Path, cfg: &Config, state: Option<&State>) -> Preview {
+    let cfg = state.map(|s| &s.config).unwrap_or(cfg);
+    let mut targets = Vec::new();
+    for target in &cfg.whattosync {
+        let recorded = state.and_then(|s| s.target(target));
+        let (paths, owner, mode, problem) = match recorded {
+            Some(t) => (t.paths.clone(), t.owner.clone(), t.mode, None),
+            None => {
+                use std::os::unix::fs::MetadataExt;
+                let meta = std::fs::symlink_metadata(target);
+                let (uid, gid) = meta.as_ref().map(|m| (m.uid(), m.gid())).unwrap_or((0, 0));
+                let owner = plan::owner_of(uid, gid);
+                let problem = meta.err().map(|e| format!("cannot be examined: {e}"));
+                let Some(paths) = TargetPaths::new(target, &owner.name, &cfg.volatile) else {
+                    continue;
+                };
+                let mode = if cfg.use_overlayfs { Mode::Overlay } else { Mode::Copy };
+                (paths, owner, mode, problem)
+            }
+        };
+        let in_ram = recorded.is_some_and(recover::is_live);
+        let dir_size = size_as(&owner, if in_ram { &paths.volatile } else { &paths.target });
+        let overlay_size = (mode == Mode::Overlay && in_ram).then(|| size_as(&owner, &paths.upper)).flatten();
+        let recovery_snapshots = snapshot::list(paths.parent(), &paths.snapshot_prefix())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(path, bytes)| Snapshot { path, bytes })
+            .collect();
+        targets.push(TargetView {
+            group: group_name(owner.gid),
+            gid: owner.gid,
+            owner: owner.name.clone(),
+            uid: owner.uid,
+            sync_target: paths.backup.clone(),
+            tmpfs_target: paths.volatile.clone(),
+            target: paths.target.clone(),
+            mode,
+            dir_size,
+            overlay_size,
+            in_ram,
+            recovery_snapshots,
+            problem,
+        });
+    }
+    Preview {
+        config_file: state.map(|s| s.config_file.clone()).unwrap_or_else(|| config_file.to_path_buf()),
+        running: state.is_some_and(|s| !s.targets.is_empty()),
+        started: state.map(|s| s.started),
+        last_resync: state.and_then(|s| s.last_resync),
+        volatile: cfg.volatile.clone(),
+        volatile_fs: plan::volatile_kind(&cfg.volatile).ok().map(str::to_string),
+        resync_interval_secs: cfg.resync_interval.as_secs(),
+        targets,
+    }
+}
+
+/// Sizes the way `du -h` prints them.
+pub fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["", "K", "M", "G", "T"];
+    let mut v = bytes as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < UNITS.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{bytes}")
+    } else if v < 10.0 {
+        format!("{v:.1}{}", UNITS[i])
+    } else {
+        format!("{v:.0}{}", UNITS[i])
+    }
+}
+
+/// The text form, one block per target, with asd 6.0's field names.
+pub fn render(p: &Preview, style: &crate::style::Style) -> String {
+    let mut out = String::new();
+    let b = |s: &str| style.bold(s);
+    if p.running {
+        out.push_str(&format!("{}\n", style.green("asd is running: targets are in RAM.")));
+    } else {
+        out.push_str("asd is not running.\n");
+    }
+    out.push_str(&format!(
+        "asd will manage the following per {} settings:\n",
+        p.config_file.display()
+    ));
+    out.push_str(&format!(
+        "volatile: {} ({})\nresync interval: {}s\n",
+        p.volatile.display(),
+        p.volatile_fs.as_deref().unwrap_or("NOT tmpfs/zram: sync will refuse"),
+        p.resync_interval_secs
+    ));
+    for t in &p.targets {
+        out.push('\n');
+        out.push_str(&format!("{} {}/{}\n", b("owner/group id:"), t.owner, t.gid));
+        out.push_str(&format!("{} {}\n", b("target to manage:"), t.target.display()));
+        out.push_str(&format!("{} {}\n", b("sync target:"), t.sync_target.display()));
+        out.push_str(&format!("{} {}\n", b("tmpfs target:"), t.tmpfs_target.display()));
+        out.push_str(&format!(
+            "{} {}\n",
+            b("dir size:"),
+            t.dir_size.map(human).unwrap_or_else(|| "unknown".into())
+        ));
+        if t.mode == Mode::Overlay {
+            out.push_str(&format!(
+                "{} {}\n",
+                b("overlayfs size:"),
+                t.overlay_size.map(human).unwrap_or_else(|| "-".into())
+            ));
+        }
+        out.push_str(&format!("{} {}\n", b("in RAM:"), if t.in_ram { "yes" } else { "no" }));
+        if t.recovery_snapshots.is_empty() {
+            out.push_str(&format!("{} none\n", b("recovery dirs:")));
+        } else {
+            out.push_str(&format!(
+                "{} {} <- delete with the c option\n",
+                b("recovery dirs:"),
+                t.recovery_snapshots.len()
+            ));
+            for s in &t.recovery_snapshots {
+                out.push_str(&format!("{} {} ({})\n", b("dir path/size:"), s.path.display(), human(s.bytes)));
+            }
+        }
+        if let Some(pr) = &t.problem {
+            out.push_str(&format!("{} {}\n", style.red("problem:"), pr));
+        }
+    }
+    out
+}

@@ -1,0 +1,214 @@
+//! Crash recovery (issue 2 item 5, DESIGN.md §7): bring a target that asd left in any state back
+//! to a plain directory on disk holding the newest data that can be trusted, with a snapshot of
+//! the start state kept aside.
+//!
+//! What can be trusted: a volatile copy that was complete (state said `Synced`, or it still
+//! covers the target) holds the newest data and is written back first. Anything else in RAM is
+//! discarded: the directory on disk already holds the last completed resync, file by file
+//! either old or new, because every write there went to a temporary name and was renamed.
+
+use std::path::Path;
+
+use crate::config::Config;
+use crate::mount::{MountError, Mounter};
+use crate::mountinfo;
+use crate::nsops;
+use crate::owner::{self, Job, Output};
+use crate::paths::TargetPaths;
+use crate::snapshot;
+use crate::state::{Mode, Stage, TargetState};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecoverError {
+    #[error(transparent)]
+    Mount(#[from] MountError),
+    #[error(transparent)]
+    Owner(#[from] owner::OwnerError),
+    #[error(transparent)]
+    Ns(#[from] nsops::NsError),
+    #[error(transparent)]
+    Snapshot(#[from] snapshot::SnapshotError),
+    #[error("{path}: {reason}")]
+    Unexpected { path: std::path::PathBuf, reason: String },
+}
+
+/// What recovery found and did.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct Recovery {
+    /// Anything of a previous run was found (otherwise nothing was touched).
+    pub ungraceful: bool,
+    /// The volatile copy was complete and was written back to disk.
+    pub wrote_back_from_ram: bool,
+    pub snapshot: Option<std::path::PathBuf>,
+    pub temp_files_removed: u64,
+}
+
+/// Where a target stands right now, read from the mount table and the filesystem.
+pub struct Found {
+    pub covered: bool,
+    pub backup_mounted: bool,
+    pub overlay_mounted: bool,
+}
+
+pub fn inspect(p: &TargetPaths) -> Found {
+    let table = mountinfo::read().unwrap_or_default();
+    let volatile_dev = dev_of(&p.volatile);
+    let covered = mountinfo::mounts_at(&table, &p.target)
+        .last()
+        .is_some_and(|m| Some(m.dev) == volatile_dev || matches!(m.fs_type.as_str(), "tmpfs" | "overlay"));
+    Found {
+        covered,
+        backup_mounted: mountinfo::is_mount_point(&table, &p.backup),
+        overlay_mounted: mountinfo::mounts_at(&table, &p.volatile)
+            .last()
+            .is_some_and(|m| m.fs_type == "overlay"),
+    }
+}
+
+fn dev_of(path: &Path) -> Option<(u32, u32)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(path).ok()?;
+    Some((nix::sys::stat::major(m.dev()) as u32, nix::sys::stat::minor(m.dev()) as u32))
+}
+
+/// Is this target fully synced and in RAM right now?
+pub fn is_live(t: &TargetState) -> bool {
+    if t.stage != Stage::Synced {
+        return false;
+    }
+    let f = inspect(&t.paths);
+    f.covered && f.backup_mounted && (t.mode == Mode::Copy || f.overlay_mounted)
+}
+
+/// Recover `t`. `stage` is what the runtime state recorded, `None` when there was no state (a
+/// reboot): then only what is on disk tells.
+pub fn recover(
+    m: &dyn Mounter,
+    t: &TargetState,
+    stage: Option<Stage>,
+    cfg: &Config,
+) -> Result<Recovery, RecoverError> {
+    let p = &t.paths;
+    let found = inspect(p);
+    let volatile_exists = nsops::exists(&p.volatile);
+    let leftovers = found.covered
+        || found.backup_mounted
+        || found.overlay_mounted
+        || nsops::exists(&p.backup)
+        || nsops::exists(&p.old)
+        || nsops::exists(&p.old_partial)
+        || volatile_exists
+        || (t.mode == Mode::Overlay && (nsops::exists(&p.upper) || nsops::exists(&p.changes)))
+        || stage.is_some();
+    let mut rec = Recovery::default();
+    if !leftovers {
+        return Ok(rec);
+    }
+    rec.ungraceful = true;
+    tracing::warn!("{}: asd did not stop cleanly last time; recovering", p.target.display());
+
+    let trusted = match t.mode {
+        Mode::Copy => volatile_exists && (stage == Some(Stage::Synced) || found.covered),
+        Mode::Overlay => nsops::exists(&p.upper) && (stage == Some(Stage::Synced) || found.covered),
+    };
+
+    // The snapshot keeps the start state (or, without one, the disk as found) before anything
+    // on disk changes.
+    if cfg.use_backups {
+        let src = if nsops::exists(&p.old) { p.old.clone() } else { p.target.clone() };
+        if !found.covered || nsops::exists(&p.old) {
+            rec.snapshot = Some(take_snapshot(t, &src)?);
+            snapshot::enforce_limit(p.parent(), &p.snapshot_prefix(), cfg.backup_limit)?;
+        }
+    }
+
+    if trusted && t.mode == Mode::Overlay {
+        // Persist the upper layer first, while it is still reachable through its own path.
+        owner::run(&t.owner, &Job::Persist { upper: p.upper.clone(), changes: p.changes.clone() }, None)?;
+    }
+    if found.covered {
+        m.uncover(t)?;
+    }
+    if trusted && t.mode == Mode::Copy {
+        // The target path shows the original directory again: write the RAM copy into it.
+        owner::run(
+            &t.owner,
+            &Job::Copy {
+                src: p.volatile.clone(),
+                dst: p.target.clone(),
+                delete: true,
+                durable: true,
+            },
+            None,
+        )?;
+        rec.wrote_back_from_ram = true;
+    }
+    m.release(t)?;
+    if nsops::exists(&p.backup) {
+        return Err(RecoverError::Unexpected {
+            path: p.backup.clone(),
+            reason: "is left over from an earlier run but is not an empty directory; look inside, move it away, and run asd again".into(),
+        });
+    }
+    rec.temp_files_removed = match owner::run(&t.owner, &Job::RemoveTempFiles { root: p.target.clone() }, None)? {
+        Output::Count(n) => n,
+        _ => 0,
+    };
+    if t.mode == Mode::Overlay && nsops::exists(&p.changes) {
+        owner::run(&t.owner, &Job::Apply { changes: p.changes.clone(), dst: p.target.clone() }, None)?;
+        rec.wrote_back_from_ram = trusted;
+    }
+    cleanup(t)?;
+    Ok(rec)
+}
+
+/// Write a crash-recovery snapshot of `src` as the owner; the file is created by the manager
+/// (the parent directory may be root's) and written by the owner through the passed descriptor.
+pub fn take_snapshot(t: &TargetState, src: &Path) -> Result<std::path::PathBuf, RecoverError> {
+    let p = &t.paths;
+    let final_path = snapshot::unique_snapshot_path(p);
+    let mut tmp = final_path.as_os_str().to_os_string();
+    tmp.push(".partial");
+    let tmp = std::path::PathBuf::from(tmp);
+    nsops::unlink(&tmp)?;
+    let file = nsops::create_owned_file(&tmp, &t.owner)?;
+    let keep = file.try_clone().map_err(|source| nsops::NsError {
+        op: "dup",
+        path: tmp.clone(),
+        source,
+    })?;
+    let job = Job::Snapshot {
+        src: src.to_path_buf(),
+        top: p.name().into(),
+    };
+    if let Err(e) = owner::run(&t.owner, &job, Some(file.into())) {
+        let _ = nsops::unlink(&tmp);
+        return Err(e.into());
+    }
+    keep.sync_all().map_err(|source| nsops::NsError {
+        op: "fsync",
+        path: tmp.clone(),
+        source,
+    })?;
+    nsops::rename(&tmp, &final_path)?;
+    tracing::info!("{}: snapshot of the last good state kept in {}", p.target.display(), final_path.display());
+    Ok(final_path)
+}
+
+/// Remove what asd created for `t` besides mounts: the RAM copy, overlay dirs, the start clone,
+/// and (overlay) the persisted changes once applied. Each tree is emptied by its owner.
+pub fn cleanup(t: &TargetState) -> Result<(), RecoverError> {
+    let p = &t.paths;
+    for dir in [&p.volatile, &p.upper, &p.work] {
+        if nsops::exists(dir) {
+            owner::run(&t.owner, &Job::Remove { path: dir.clone() }, None)?;
+        }
+    }
+    for dir in [&p.old_partial, &p.old, &p.changes] {
+        if nsops::exists(dir) {
+            owner::run(&t.owner, &Job::Empty { path: dir.clone() }, None)?;
+            nsops::rmdir(dir)?;
+        }
+    }
+    Ok(())
+}
