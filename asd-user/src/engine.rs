@@ -64,13 +64,23 @@ pub struct Report {
 
 impl Engine<'_> {
     fn load_config(&self) -> Result<(Config, Vec<u8>), EngineError> {
-        let text = std::fs::read(&self.config_file).map_err(|source| config::ConfigError::Read {
-            path: self.config_file.clone(),
-            source,
-        })?;
-        let (cfg, warnings) = config::parse(&String::from_utf8_lossy(&text), &self.config_file, &self.expand)?;
+        let text =
+            std::fs::read(&self.config_file).map_err(|source| config::ConfigError::Read {
+                path: self.config_file.clone(),
+                source,
+            })?;
+        let (cfg, warnings) = config::parse(
+            &String::from_utf8_lossy(&text),
+            &self.config_file,
+            &self.expand,
+        )?;
         for w in warnings {
-            tracing::warn!("{}: line {}: {}", self.config_file.display(), w.line, w.message);
+            tracing::warn!(
+                "{}: line {}: {}",
+                self.config_file.display(),
+                w.line,
+                w.message
+            );
         }
         Ok((cfg, text))
     }
@@ -108,7 +118,11 @@ impl Engine<'_> {
             self.runtime.save(&state)?;
         }
 
-        let live: Vec<PathBuf> = state.targets.iter().map(|t| t.paths.target.clone()).collect();
+        let live: Vec<PathBuf> = state
+            .targets
+            .iter()
+            .map(|t| t.paths.target.clone())
+            .collect();
         let mut todo_cfg = cfg.clone();
         todo_cfg.whattosync.retain(|t| !live.contains(t));
         if todo_cfg.whattosync.is_empty() && !live.is_empty() {
@@ -183,7 +197,11 @@ impl Engine<'_> {
         t.stage = Stage::Synced;
         state.upsert(t.clone());
         self.runtime.save(state)?;
-        tracing::info!("{} is now in RAM ({})", t.paths.target.display(), t.paths.volatile.display());
+        tracing::info!(
+            "{} is now in RAM ({})",
+            t.paths.target.display(),
+            t.paths.volatile.display()
+        );
         Ok(())
     }
 
@@ -191,7 +209,9 @@ impl Engine<'_> {
         let p = &t.paths;
         let te = |e: MountError| target_err(&p.target, e);
         let oe = |e: owner::OwnerError| target_err(&p.target, e);
-        self.mounter.prepare_area(&cfg.volatile, &p.user_area, &t.owner).map_err(te)?;
+        self.mounter
+            .prepare_area(&cfg.volatile, &p.user_area, &t.owner)
+            .map_err(te)?;
         let mode_bits = {
             use std::os::unix::fs::PermissionsExt;
             std::fs::symlink_metadata(&p.target)
@@ -204,15 +224,25 @@ impl Engine<'_> {
             dirs.push(p.work.clone());
         }
         for d in dirs {
-            owner::run(&t.owner, &Job::MakeDirs { path: d, mode: mode_bits }, None).map_err(oe)?;
+            owner::run(
+                &t.owner,
+                &Job::MakeDirs {
+                    path: d,
+                    mode: mode_bits,
+                },
+                None,
+            )
+            .map_err(oe)?;
         }
         self.mounter.bind_backup(t).map_err(te)?;
         if cfg.use_backups {
             nsops::mkdir_owned(&p.old_partial, &t.owner).map_err(|e| target_err(&p.target, e))?;
             owner::run(
                 &t.owner,
+                // From the target path, not the backup: link(2) does not cross mounts, and the
+                // target is not covered yet.
                 &Job::Clone {
-                    src: p.backup.clone(),
+                    src: p.target.clone(),
                     dst: p.old_partial.clone(),
                 },
                 None,
@@ -400,7 +430,11 @@ impl Engine<'_> {
             if gone.is_empty() {
                 println!("no crash-recovery snapshots for {}", target.display());
             } else {
-                println!("deleting {} crash-recovery snapshot(s) of {}:", gone.len(), target.display());
+                println!(
+                    "deleting {} crash-recovery snapshot(s) of {}:",
+                    gone.len(),
+                    target.display()
+                );
                 for g in &gone {
                     println!("  {}", g.display());
                 }
@@ -410,4 +444,3 @@ impl Engine<'_> {
         Ok(removed)
     }
 }
-

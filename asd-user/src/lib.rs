@@ -3,7 +3,17 @@
 
 pub mod config;
 pub mod copy;
+pub mod daemon;
+pub mod engine;
 pub mod mount;
 pub mod mountinfo;
+pub mod nsops;
+pub mod overlay;
+pub mod owner;
 pub mod paths;
+pub mod plan;
+pub mod preview;
+pub mod recover;
+pub mod snapshot;
 pub mod state;
+pub mod style;

@@ -132,14 +132,25 @@ fn set_private(tree: &OwnedFd, attrs: MountAttrFlags, path: &Path) -> Result<(),
 
 /// Bind the directory open as `src` onto the directory open as `dst`: a private, non-recursive
 /// clone, attached through descriptors.
-fn bind_fd(src: &OwnedFd, dst: &OwnedFd, src_path: &Path, dst_path: &Path) -> Result<(), MountError> {
+fn bind_fd(
+    src: &OwnedFd,
+    dst: &OwnedFd,
+    src_path: &Path,
+    dst_path: &Path,
+) -> Result<(), MountError> {
     let tree = rustix::mount::open_tree(
         src,
         "",
-        OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC | OpenTreeFlags::AT_EMPTY_PATH,
+        OpenTreeFlags::OPEN_TREE_CLONE
+            | OpenTreeFlags::OPEN_TREE_CLOEXEC
+            | OpenTreeFlags::AT_EMPTY_PATH,
     )
     .map_err(sys("open_tree", src_path))?;
-    set_private(&tree, MountAttrFlags::MOUNT_ATTR_NOSUID | MountAttrFlags::MOUNT_ATTR_NODEV, src_path)?;
+    set_private(
+        &tree,
+        MountAttrFlags::MOUNT_ATTR_NOSUID | MountAttrFlags::MOUNT_ATTR_NODEV,
+        src_path,
+    )?;
     rustix::mount::move_mount(
         &tree,
         "",
@@ -157,7 +168,10 @@ fn open_owned_dir(path: &Path, owner: &Owner) -> Result<OwnedFd, MountError> {
     if st.st_uid != owner.uid {
         return Err(MountError::Refused {
             path: path.to_path_buf(),
-            reason: format!("owned by uid {}, expected {} ({})", st.st_uid, owner.uid, owner.name),
+            reason: format!(
+                "owned by uid {}, expected {} ({})",
+                st.st_uid, owner.uid, owner.name
+            ),
         });
     }
     Ok(fd)
@@ -220,7 +234,10 @@ fn dev_of(path: &Path) -> Option<(u32, u32)> {
 }
 
 /// Unmount the top mount on `path` if `accept` says it is ours; `Ok(false)` if nothing to do.
-fn unmount_if(path: &Path, accept: impl Fn(&mountinfo::MountEntry) -> bool) -> Result<bool, MountError> {
+fn unmount_if(
+    path: &Path,
+    accept: impl Fn(&mountinfo::MountEntry) -> bool,
+) -> Result<bool, MountError> {
     let table = mountinfo::read().map_err(|source| MountError::Sys {
         op: "read mountinfo",
         path: path.to_path_buf(),
@@ -232,12 +249,17 @@ fn unmount_if(path: &Path, accept: impl Fn(&mountinfo::MountEntry) -> bool) -> R
     if !accept(top) {
         return Err(MountError::Refused {
             path: path.to_path_buf(),
-            reason: format!("the mount there ({} from {}) is not one asd made; leaving it alone", top.fs_type, top.source),
+            reason: format!(
+                "the mount there ({} from {}) is not one asd made; leaving it alone",
+                top.fs_type, top.source
+            ),
         });
     }
     match rustix::mount::unmount(path, UnmountFlags::NOFOLLOW) {
         Ok(()) => Ok(true),
-        Err(rustix::io::Errno::BUSY) => Err(MountError::Busy { path: path.to_path_buf() }),
+        Err(rustix::io::Errno::BUSY) => Err(MountError::Busy {
+            path: path.to_path_buf(),
+        }),
         Err(e) => Err(sys("umount", path)(e)),
     }
 }
@@ -246,7 +268,10 @@ fn unmount_if(path: &Path, accept: impl Fn(&mountinfo::MountEntry) -> bool) -> R
 pub fn overlay_supported() -> bool {
     let has = || {
         std::fs::read_to_string("/proc/filesystems")
-            .map(|s| s.lines().any(|l| l.split_whitespace().last() == Some("overlay")))
+            .map(|s| {
+                s.lines()
+                    .any(|l| l.split_whitespace().last() == Some("overlay"))
+            })
             .unwrap_or(false)
     };
     if has() {
@@ -268,7 +293,8 @@ impl Mounter for InProcess {
         let fd = open_child_dir(&vol_fd, name, area)?;
         let st = fstat(&fd, area)?;
         if created {
-            rustix::fs::fchown(&fd, Some(uid(owner.uid)), Some(gid(owner.gid))).map_err(sys("chown", area))?;
+            rustix::fs::fchown(&fd, Some(uid(owner.uid)), Some(gid(owner.gid)))
+                .map_err(sys("chown", area))?;
         } else if st.st_uid != owner.uid {
             return Err(MountError::Refused {
                 path: area.to_path_buf(),
@@ -332,7 +358,8 @@ impl Mounter for InProcess {
         let upper = open_owned_dir(&p.upper, &t.owner)?;
         let work = open_owned_dir(&p.work, &t.owner)?;
         let merged = open_owned_dir(&p.volatile, &t.owner)?;
-        let fs = rustix::mount::fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC).map_err(sys("fsopen overlay", &p.volatile))?;
+        let fs = rustix::mount::fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC)
+            .map_err(sys("fsopen overlay", &p.volatile))?;
         let cfg = |key: &str, fd: &OwnedFd, path: &Path| {
             rustix::mount::fsconfig_set_fd(&fs, key, fd.as_fd()).map_err(sys("fsconfig", path))
         };
@@ -341,7 +368,8 @@ impl Mounter for InProcess {
         cfg("workdir", &work, &p.work)?;
         // userxattr keeps opaque markers readable by the owner (user.overlay.*), so the
         // unprivileged persist step can see replaced directories.
-        rustix::mount::fsconfig_set_flag(&fs, "userxattr").map_err(sys("fsconfig userxattr", &p.volatile))?;
+        rustix::mount::fsconfig_set_flag(&fs, "userxattr")
+            .map_err(sys("fsconfig userxattr", &p.volatile))?;
         rustix::mount::fsconfig_create(&fs).map_err(sys("overlay create", &p.volatile))?;
         let mnt = rustix::mount::fsmount(
             &fs,
@@ -370,7 +398,9 @@ impl Mounter for InProcess {
     fn uncover(&self, t: &TargetState) -> Result<(), MountError> {
         let p = &t.paths;
         let want = dev_of(&p.volatile);
-        unmount_if(&p.target, |m| Some(m.dev) == want || want.is_none() && is_volatile_fs(m))?;
+        unmount_if(&p.target, |m| {
+            Some(m.dev) == want || want.is_none() && is_volatile_fs(m)
+        })?;
         Ok(())
     }
 
@@ -394,7 +424,8 @@ impl Mounter for InProcess {
 }
 
 fn is_volatile_fs(m: &mountinfo::MountEntry) -> bool {
-    matches!(m.fs_type.as_str(), "tmpfs" | "overlay") || m.source.as_bytes().starts_with(b"/dev/zram")
+    matches!(m.fs_type.as_str(), "tmpfs" | "overlay")
+        || m.source.as_bytes().starts_with(b"/dev/zram")
 }
 
 fn uid(u: u32) -> rustix::fs::Uid {

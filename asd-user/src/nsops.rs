@@ -95,8 +95,13 @@ pub fn rename(from: &Path, to: &Path) -> Result<(), NsError> {
 }
 
 fn sync_dir(fd: &OwnedFd, path: &Path) -> Result<(), NsError> {
-    let dir = rustix::fs::openat(fd, ".", OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
-        .map_err(err("open", path))?;
+    let dir = rustix::fs::openat(
+        fd,
+        ".",
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(err("open", path))?;
     rustix::fs::fsync(&dir).map_err(err("fsync", path))
 }
 

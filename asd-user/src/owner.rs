@@ -19,25 +19,57 @@ const JOB_FD: i32 = 3;
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub enum Job {
     /// `mkdir -p` with `mode` for the last component (inside the owner's area).
-    MakeDirs { path: PathBuf, mode: u32 },
-    Copy { src: PathBuf, dst: PathBuf, delete: bool, durable: bool },
+    MakeDirs {
+        path: PathBuf,
+        mode: u32,
+    },
+    Copy {
+        src: PathBuf,
+        dst: PathBuf,
+        delete: bool,
+        durable: bool,
+    },
     /// Hard-linked clone of `src` into the existing empty directory `dst`.
-    Clone { src: PathBuf, dst: PathBuf },
+    Clone {
+        src: PathBuf,
+        dst: PathBuf,
+    },
     /// Write a tar.zstd of `src` (members under `top`) to the passed descriptor.
-    Snapshot { src: PathBuf, top: PathBuf },
+    Snapshot {
+        src: PathBuf,
+        top: PathBuf,
+    },
     /// Remove everything inside `path`, keeping `path` itself (its parent may not be the owner's).
-    Empty { path: PathBuf },
+    Empty {
+        path: PathBuf,
+    },
     /// Remove `path` and everything in it (only used where the owner may remove `path`).
-    Remove { path: PathBuf },
+    Remove {
+        path: PathBuf,
+    },
     /// Remove `path` and the empty directories inside it; anything non-empty stays.
-    Prune { path: PathBuf },
-    RemoveTempFiles { root: PathBuf },
-    TreeSize { path: PathBuf },
-    FindHardlinks { root: PathBuf },
+    Prune {
+        path: PathBuf,
+    },
+    RemoveTempFiles {
+        root: PathBuf,
+    },
+    TreeSize {
+        path: PathBuf,
+    },
+    FindHardlinks {
+        root: PathBuf,
+    },
     /// Overlay mode: persist the upper layer's changes (see `overlay`).
-    Persist { upper: PathBuf, changes: PathBuf },
+    Persist {
+        upper: PathBuf,
+        changes: PathBuf,
+    },
     /// Overlay mode: apply persisted changes (or an upper layer) onto a directory.
-    Apply { changes: PathBuf, dst: PathBuf },
+    Apply {
+        changes: PathBuf,
+        dst: PathBuf,
+    },
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -106,7 +138,13 @@ fn run_in_worker(owner: &Owner, job: &Job, fd: Option<OwnedFd>) -> Result<Output
                 }
             }
             // The worker must not outlive a manager that was killed, nor gain privileges.
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
                 || libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as libc::c_ulong, 0, 0, 0) != 0
             {
                 return Err(std::io::Error::last_os_error());
@@ -131,7 +169,9 @@ fn run_in_worker(owner: &Owner, job: &Job, fd: Option<OwnedFd>) -> Result<Output
         reason,
     };
     if let Some(mut stdin) = child.stdin.take() {
-        stdin.write_all(&input).map_err(|e| worker_err(format!("sending the job: {e}")))?;
+        stdin
+            .write_all(&input)
+            .map_err(|e| worker_err(format!("sending the job: {e}")))?;
     }
     let mut out = Vec::new();
     if let Some(mut stdout) = child.stdout.take() {
@@ -139,7 +179,9 @@ fn run_in_worker(owner: &Owner, job: &Job, fd: Option<OwnedFd>) -> Result<Output
             .read_to_end(&mut out)
             .map_err(|e| worker_err(format!("reading its answer: {e}")))?;
     }
-    let status = child.wait().map_err(|e| worker_err(format!("waiting: {e}")))?;
+    let status = child
+        .wait()
+        .map_err(|e| worker_err(format!("waiting: {e}")))?;
     let reply: Result<Output, String> = serde_json::from_slice(&out)
         .map_err(|_| worker_err(format!("it exited with {status} without an answer")))?;
     reply.map_err(OwnerError::Job)
@@ -191,7 +233,12 @@ fn execute(job: &Job, fd: Option<OwnedFd>) -> Result<Output, String> {
                 .map_err(|x| format!("chmod {}: {x}", path.display()))?;
             Ok(Output::Done)
         }
-        Job::Copy { src, dst, delete, durable } => copy::sync_tree(
+        Job::Copy {
+            src,
+            dst,
+            delete,
+            durable,
+        } => copy::sync_tree(
             src,
             dst,
             &CopyOptions {
@@ -201,7 +248,9 @@ fn execute(job: &Job, fd: Option<OwnedFd>) -> Result<Output, String> {
         )
         .map(Output::Stats)
         .map_err(|x| e(&x)),
-        Job::Clone { src, dst } => copy::hardlink_clone(src, dst).map(Output::Stats).map_err(|x| e(&x)),
+        Job::Clone { src, dst } => copy::hardlink_clone(src, dst)
+            .map(Output::Stats)
+            .map_err(|x| e(&x)),
         Job::Snapshot { src, top } => {
             let fd = fd.ok_or("no output descriptor for the snapshot")?;
             crate::snapshot::write_to(src, top.as_os_str(), std::fs::File::from(fd))
@@ -218,7 +267,9 @@ fn execute(job: &Job, fd: Option<OwnedFd>) -> Result<Output, String> {
             prune(path);
             Ok(Output::Done)
         }
-        Job::RemoveTempFiles { root } => copy::remove_temp_files(root).map(Output::Count).map_err(|x| e(&x)),
+        Job::RemoveTempFiles { root } => copy::remove_temp_files(root)
+            .map(Output::Count)
+            .map_err(|x| e(&x)),
         Job::TreeSize { path } => copy::tree_size(path).map(Output::Bytes).map_err(|x| e(&x)),
         Job::FindHardlinks { root } => copy::find_hardlinked_files(root, 10)
             .map(Output::Paths)
@@ -243,7 +294,11 @@ fn empty_dir(path: &std::path::Path) -> Result<(), String> {
         let entry = entry.map_err(|x| format!("read {}: {x}", path.display()))?;
         let p = entry.path();
         let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
-        let r = if is_dir { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+        let r = if is_dir {
+            std::fs::remove_dir_all(&p)
+        } else {
+            std::fs::remove_file(&p)
+        };
         match r {
             Ok(()) => {}
             Err(x) if x.kind() == std::io::ErrorKind::NotFound => {}

@@ -90,7 +90,10 @@ impl TargetPaths {
 
     /// The path of a crash-recovery snapshot taken at `stamp` (`YYYYMMDD_HHMMSS`).
     pub fn snapshot(&self, stamp: &str) -> PathBuf {
-        with_suffix(&self.backup, &format!("{CRASH_SUFFIX}{stamp}{SNAPSHOT_EXT}"))
+        with_suffix(
+            &self.backup,
+            &format!("{CRASH_SUFFIX}{stamp}{SNAPSHOT_EXT}"),
+        )
     }
 
     /// File-name prefix shared by this target's snapshots (in the target's parent directory).
@@ -127,7 +130,8 @@ mod tests {
             p.snapshot("20141221_070112"),
             Path::new("/foo/.bar-backup_asd-crashrecovery-20141221_070112.tar.zstd")
         );
-        let hidden = TargetPaths::new(Path::new("/foo/.cache"), "root", Path::new("/dev/shm")).unwrap();
+        let hidden =
+            TargetPaths::new(Path::new("/foo/.cache"), "root", Path::new("/dev/shm")).unwrap();
         assert_eq!(hidden.backup, Path::new("/foo/.cache-backup_asd"));
         assert_eq!(hidden.volatile, Path::new("/dev/shm/asd-root/foo/.cache"));
         assert!(TargetPaths::new(Path::new("/"), "root", Path::new("/tmp")).is_none());

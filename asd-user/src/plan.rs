@@ -37,7 +37,9 @@ pub fn volatile_kind(path: &Path) -> Result<&'static str, PlanError> {
     };
     let meta = std::fs::symlink_metadata(path).map_err(|e| err(format!("cannot be used: {e}")))?;
     if !meta.is_dir() {
-        return Err(err("is not a directory (a symlink is not accepted either)".into()));
+        return Err(err(
+            "is not a directory (a symlink is not accepted either)".into()
+        ));
     }
     let st = nix::sys::statfs::statfs(path).map_err(|e| err(format!("cannot be examined: {e}")))?;
     if st.filesystem_type().0 as i64 == TMPFS_MAGIC {
@@ -45,8 +47,14 @@ pub fn volatile_kind(path: &Path) -> Result<&'static str, PlanError> {
     }
     // zram is a block device carrying an ordinary filesystem: recognise it by its source.
     let table = mountinfo::read().map_err(|e| err(format!("cannot read the mount table: {e}")))?;
-    let dev = (nix::sys::stat::major(meta.dev()) as u32, nix::sys::stat::minor(meta.dev()) as u32);
-    if table.iter().any(|m| m.dev == dev && m.source.starts_with("/dev/zram")) {
+    let dev = (
+        nix::sys::stat::major(meta.dev()) as u32,
+        nix::sys::stat::minor(meta.dev()) as u32,
+    );
+    if table
+        .iter()
+        .any(|m| m.dev == dev && m.source.starts_with("/dev/zram"))
+    {
         return Ok("zram");
     }
     Err(err(format!(
@@ -96,7 +104,9 @@ fn check_target(path: &Path) -> Result<std::fs::Metadata, PlanError> {
     let meta = match std::fs::symlink_metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(err("does not exist; create it or remove it from WHATTOSYNC"))
+            return Err(err(
+                "does not exist; create it or remove it from WHATTOSYNC",
+            ))
         }
         Err(e) => return Err(err(&format!("cannot be examined: {e}"))),
     };
@@ -118,7 +128,11 @@ fn check_target(path: &Path) -> Result<std::fs::Metadata, PlanError> {
 }
 
 /// Check the whole configuration; `running` skips the checks that only make sense before sync.
-pub fn build(config: &Config, config_file: &Path, running: bool) -> Result<Vec<Planned>, PlanError> {
+pub fn build(
+    config: &Config,
+    config_file: &Path,
+    running: bool,
+) -> Result<Vec<Planned>, PlanError> {
     if config.whattosync.is_empty() {
         return Err(PlanError::NoTargets(config_file.to_path_buf()));
     }
@@ -131,24 +145,33 @@ pub fn build(config: &Config, config_file: &Path, running: bool) -> Result<Vec<P
             if target.starts_with(other) || other.starts_with(target) {
                 return Err(PlanError::Target {
                     path: target.clone(),
-                    reason: format!("is nested with {}; targets must not contain each other", other.display()),
+                    reason: format!(
+                        "is nested with {}; targets must not contain each other",
+                        other.display()
+                    ),
                 });
             }
         }
         if target.starts_with(volatile) || volatile.starts_with(target) {
             return Err(PlanError::Target {
                 path: target.clone(),
-                reason: format!("overlaps VOLATILE ({}); keep targets out of the RAM area", volatile.display()),
+                reason: format!(
+                    "overlaps VOLATILE ({}); keep targets out of the RAM area",
+                    volatile.display()
+                ),
             });
         }
         let owner = owner_of(meta.uid(), meta.gid());
-        let paths = TargetPaths::new(target, &owner.name, volatile).ok_or_else(|| PlanError::Target {
-            path: target.clone(),
-            reason: "cannot derive its backup path".into(),
-        })?;
+        let paths =
+            TargetPaths::new(target, &owner.name, volatile).ok_or_else(|| PlanError::Target {
+                path: target.clone(),
+                reason: "cannot derive its backup path".into(),
+            })?;
         if !running && config.hardlink_safety_check && !paths.old.exists() {
             // The walk reads the owner's tree, so it runs as the owner.
-            let job = crate::owner::Job::FindHardlinks { root: target.clone() };
+            let job = crate::owner::Job::FindHardlinks {
+                root: target.clone(),
+            };
             let linked = match crate::owner::run(&owner, &job, None) {
                 Ok(crate::owner::Output::Paths(p)) => p,
                 Ok(_) => Vec::new(),
@@ -160,7 +183,10 @@ pub fn build(config: &Config, config_file: &Path, running: bool) -> Result<Vec<P
                 }
             };
             if !linked.is_empty() {
-                let list: Vec<String> = linked.iter().map(|p| format!("  {}", p.display())).collect();
+                let list: Vec<String> = linked
+                    .iter()
+                    .map(|p| format!("  {}", p.display()))
+                    .collect();
                 return Err(PlanError::Target {
                     path: target.clone(),
                     reason: format!(
@@ -173,7 +199,11 @@ pub fn build(config: &Config, config_file: &Path, running: bool) -> Result<Vec<P
         planned.push(Planned {
             paths,
             owner,
-            mode: if config.use_overlayfs { Mode::Overlay } else { Mode::Copy },
+            mode: if config.use_overlayfs {
+                Mode::Overlay
+            } else {
+                Mode::Copy
+            },
         });
     }
     Ok(planned)

@@ -57,7 +57,13 @@ fn group_name(gid: u32) -> String {
 }
 
 fn size_as(owner: &crate::state::Owner, path: &Path) -> Option<u64> {
-    match owner::run(owner, &Job::TreeSize { path: path.to_path_buf() }, None) {
+    match owner::run(
+        owner,
+        &Job::TreeSize {
+            path: path.to_path_buf(),
+        },
+        None,
+    ) {
         Ok(Output::Bytes(b)) => Some(b),
         _ => None,
     }
@@ -79,13 +85,26 @@ pub fn build(config_file: &Path, cfg: &Config, state: Option<&State>) -> Preview
                 let Some(paths) = TargetPaths::new(target, &owner.name, &cfg.volatile) else {
                     continue;
                 };
-                let mode = if cfg.use_overlayfs { Mode::Overlay } else { Mode::Copy };
+                let mode = if cfg.use_overlayfs {
+                    Mode::Overlay
+                } else {
+                    Mode::Copy
+                };
                 (paths, owner, mode, problem)
             }
         };
         let in_ram = recorded.is_some_and(recover::is_live);
-        let dir_size = size_as(&owner, if in_ram { &paths.volatile } else { &paths.target });
-        let overlay_size = (mode == Mode::Overlay && in_ram).then(|| size_as(&owner, &paths.upper)).flatten();
+        let dir_size = size_as(
+            &owner,
+            if in_ram {
+                &paths.volatile
+            } else {
+                &paths.target
+            },
+        );
+        let overlay_size = (mode == Mode::Overlay && in_ram)
+            .then(|| size_as(&owner, &paths.upper))
+            .flatten();
         let recovery_snapshots = snapshot::list(paths.parent(), &paths.snapshot_prefix())
             .unwrap_or_default()
             .into_iter()
@@ -108,7 +127,9 @@ pub fn build(config_file: &Path, cfg: &Config, state: Option<&State>) -> Preview
         });
     }
     Preview {
-        config_file: state.map(|s| s.config_file.clone()).unwrap_or_else(|| config_file.to_path_buf()),
+        config_file: state
+            .map(|s| s.config_file.clone())
+            .unwrap_or_else(|| config_file.to_path_buf()),
         running: state.is_some_and(|s| !s.targets.is_empty()),
         started: state.map(|s| s.started),
         last_resync: state.and_then(|s| s.last_resync),
@@ -142,7 +163,10 @@ pub fn render(p: &Preview, style: &crate::style::Style) -> String {
     let mut out = String::new();
     let b = |s: &str| style.bold(s);
     if p.running {
-        out.push_str(&format!("{}\n", style.green("asd is running: targets are in RAM.")));
+        out.push_str(&format!(
+            "{}\n",
+            style.green("asd is running: targets are in RAM.")
+        ));
     } else {
         out.push_str("asd is not running.\n");
     }
@@ -153,15 +177,29 @@ pub fn render(p: &Preview, style: &crate::style::Style) -> String {
     out.push_str(&format!(
         "volatile: {} ({})\nresync interval: {}s\n",
         p.volatile.display(),
-        p.volatile_fs.as_deref().unwrap_or("NOT tmpfs/zram: sync will refuse"),
+        p.volatile_fs
+            .as_deref()
+            .unwrap_or("NOT tmpfs/zram: sync will refuse"),
         p.resync_interval_secs
     ));
     for t in &p.targets {
         out.push('\n');
         out.push_str(&format!("{} {}/{}\n", b("owner/group id:"), t.owner, t.gid));
-        out.push_str(&format!("{} {}\n", b("target to manage:"), t.target.display()));
-        out.push_str(&format!("{} {}\n", b("sync target:"), t.sync_target.display()));
-        out.push_str(&format!("{} {}\n", b("tmpfs target:"), t.tmpfs_target.display()));
+        out.push_str(&format!(
+            "{} {}\n",
+            b("target to manage:"),
+            t.target.display()
+        ));
+        out.push_str(&format!(
+            "{} {}\n",
+            b("sync target:"),
+            t.sync_target.display()
+        ));
+        out.push_str(&format!(
+            "{} {}\n",
+            b("tmpfs target:"),
+            t.tmpfs_target.display()
+        ));
         out.push_str(&format!(
             "{} {}\n",
             b("dir size:"),
@@ -174,7 +212,11 @@ pub fn render(p: &Preview, style: &crate::style::Style) -> String {
                 t.overlay_size.map(human).unwrap_or_else(|| "-".into())
             ));
         }
-        out.push_str(&format!("{} {}\n", b("in RAM:"), if t.in_ram { "yes" } else { "no" }));
+        out.push_str(&format!(
+            "{} {}\n",
+            b("in RAM:"),
+            if t.in_ram { "yes" } else { "no" }
+        ));
         if t.recovery_snapshots.is_empty() {
             out.push_str(&format!("{} none\n", b("recovery dirs:")));
         } else {
@@ -184,7 +226,12 @@ pub fn render(p: &Preview, style: &crate::style::Style) -> String {
                 t.recovery_snapshots.len()
             ));
             for s in &t.recovery_snapshots {
-                out.push_str(&format!("{} {} ({})\n", b("dir path/size:"), s.path.display(), human(s.bytes)));
+                out.push_str(&format!(
+                    "{} {} ({})\n",
+                    b("dir path/size:"),
+                    s.path.display(),
+                    human(s.bytes)
+                ));
             }
         }
         if let Some(pr) = &t.problem {

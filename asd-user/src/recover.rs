@@ -29,7 +29,10 @@ pub enum RecoverError {
     #[error(transparent)]
     Snapshot(#[from] snapshot::SnapshotError),
     #[error("{path}: {reason}")]
-    Unexpected { path: std::path::PathBuf, reason: String },
+    Unexpected {
+        path: std::path::PathBuf,
+        reason: String,
+    },
 }
 
 /// What recovery found and did.
@@ -55,7 +58,9 @@ pub fn inspect(p: &TargetPaths) -> Found {
     let volatile_dev = dev_of(&p.volatile);
     let covered = mountinfo::mounts_at(&table, &p.target)
         .last()
-        .is_some_and(|m| Some(m.dev) == volatile_dev || matches!(m.fs_type.as_str(), "tmpfs" | "overlay"));
+        .is_some_and(|m| {
+            Some(m.dev) == volatile_dev || matches!(m.fs_type.as_str(), "tmpfs" | "overlay")
+        });
     Found {
         covered,
         backup_mounted: mountinfo::is_mount_point(&table, &p.backup),
@@ -68,7 +73,10 @@ pub fn inspect(p: &TargetPaths) -> Found {
 fn dev_of(path: &Path) -> Option<(u32, u32)> {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::symlink_metadata(path).ok()?;
-    Some((nix::sys::stat::major(m.dev()) as u32, nix::sys::stat::minor(m.dev()) as u32))
+    Some((
+        nix::sys::stat::major(m.dev()) as u32,
+        nix::sys::stat::minor(m.dev()) as u32,
+    ))
 }
 
 /// Is this target fully synced and in RAM right now?
@@ -105,7 +113,10 @@ pub fn recover(
         return Ok(rec);
     }
     rec.ungraceful = true;
-    tracing::warn!("{}: asd did not stop cleanly last time; recovering", p.target.display());
+    tracing::warn!(
+        "{}: asd did not stop cleanly last time; recovering",
+        p.target.display()
+    );
 
     let trusted = match t.mode {
         Mode::Copy => volatile_exists && (stage == Some(Stage::Synced) || found.covered),
@@ -115,7 +126,11 @@ pub fn recover(
     // The snapshot keeps the start state (or, without one, the disk as found) before anything
     // on disk changes.
     if cfg.use_backups {
-        let src = if nsops::exists(&p.old) { p.old.clone() } else { p.target.clone() };
+        let src = if nsops::exists(&p.old) {
+            p.old.clone()
+        } else {
+            p.target.clone()
+        };
         if !found.covered || nsops::exists(&p.old) {
             rec.snapshot = Some(take_snapshot(t, &src)?);
             snapshot::enforce_limit(p.parent(), &p.snapshot_prefix(), cfg.backup_limit)?;
@@ -124,7 +139,14 @@ pub fn recover(
 
     if trusted && t.mode == Mode::Overlay {
         // Persist the upper layer first, while it is still reachable through its own path.
-        owner::run(&t.owner, &Job::Persist { upper: p.upper.clone(), changes: p.changes.clone() }, None)?;
+        owner::run(
+            &t.owner,
+            &Job::Persist {
+                upper: p.upper.clone(),
+                changes: p.changes.clone(),
+            },
+            None,
+        )?;
     }
     if found.covered {
         m.uncover(t)?;
@@ -150,12 +172,25 @@ pub fn recover(
             reason: "is left over from an earlier run but is not an empty directory; look inside, move it away, and run asd again".into(),
         });
     }
-    rec.temp_files_removed = match owner::run(&t.owner, &Job::RemoveTempFiles { root: p.target.clone() }, None)? {
+    rec.temp_files_removed = match owner::run(
+        &t.owner,
+        &Job::RemoveTempFiles {
+            root: p.target.clone(),
+        },
+        None,
+    )? {
         Output::Count(n) => n,
         _ => 0,
     };
     if t.mode == Mode::Overlay && nsops::exists(&p.changes) {
-        owner::run(&t.owner, &Job::Apply { changes: p.changes.clone(), dst: p.target.clone() }, None)?;
+        owner::run(
+            &t.owner,
+            &Job::Apply {
+                changes: p.changes.clone(),
+                dst: p.target.clone(),
+            },
+            None,
+        )?;
         rec.wrote_back_from_ram = trusted;
     }
     cleanup(t)?;
@@ -191,7 +226,11 @@ pub fn take_snapshot(t: &TargetState, src: &Path) -> Result<std::path::PathBuf, 
         source,
     })?;
     nsops::rename(&tmp, &final_path)?;
-    tracing::info!("{}: snapshot of the last good state kept in {}", p.target.display(), final_path.display());
+    tracing::info!(
+        "{}: snapshot of the last good state kept in {}",
+        p.target.display(),
+        final_path.display()
+    );
     Ok(final_path)
 }
 

@@ -122,7 +122,11 @@ impl State {
 
     /// Insert or replace the record for `t.paths.target`.
     pub fn upsert(&mut self, t: TargetState) {
-        match self.targets.iter_mut().find(|x| x.paths.target == t.paths.target) {
+        match self
+            .targets
+            .iter_mut()
+            .find(|x| x.paths.target == t.paths.target)
+        {
             Some(slot) => *slot = t,
             None => self.targets.push(t),
         }
@@ -232,7 +236,9 @@ impl Runtime {
                         });
                     }
                     if !told {
-                        tracing::info!("another asd command ({holder}) is running; waiting for it to finish");
+                        tracing::info!(
+                            "another asd command ({holder}) is running; waiting for it to finish"
+                        );
                         told = true;
                     }
                     std::thread::sleep(Duration::from_millis(100));
@@ -255,7 +261,13 @@ impl Runtime {
         let text = match fs::read(&path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => return Err(StateError::Io { op: "read", path, source }),
+            Err(source) => {
+                return Err(StateError::Io {
+                    op: "read",
+                    path,
+                    source,
+                })
+            }
         };
         let state: State = serde_json::from_slice(&text).map_err(|e| StateError::Corrupt {
             path: path.clone(),
@@ -293,7 +305,13 @@ impl Runtime {
             match fs::remove_file(&path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(source) => return Err(StateError::Io { op: "remove", path, source }),
+                Err(source) => {
+                    return Err(StateError::Io {
+                        op: "remove",
+                        path,
+                        source,
+                    })
+                }
             }
         }
         Ok(())

@@ -1,0 +1,239 @@
+//! Test harness: each test gets its own private mount namespace (held open by a sleeping
+//! process), a scratch directory on disk, and a tmpfs for VOLATILE that exists only inside the
+//! namespace. Everything mounted disappears when the holder is killed, even if the test panics.
+#![allow(dead_code)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+pub const ASD: &str = env!("CARGO_BIN_EXE_asd");
+
+/// Tests that mount need root; without it they say so loudly and pass nothing off as tested.
+pub fn require_root() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    eprintln!("\n*** SKIPPED: this test mounts filesystems and must run as root ***\n");
+    false
+}
+
+pub fn have(cmd: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {cmd}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+pub struct Ns {
+    holder: Child,
+    pub pid: u32,
+    /// Scratch directory on disk (host path = namespace path).
+    pub root: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Ns {
+    /// A namespace with `root/data` (disk), `root/vol` (tmpfs, VOLATILE), `root/run` (runtime).
+    pub fn new() -> Ns {
+        Self::with_propagation(false)
+    }
+
+    /// `shared`: make the namespace's root a shared mount, as on a host booted with systemd.
+    pub fn with_propagation(shared: bool) -> Ns {
+        let dir = tempfile::Builder::new()
+            .prefix("asd-test-")
+            .tempdir_in("/var/tmp")
+            .expect("scratch dir");
+        let root = dir.path().to_path_buf();
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        for d in ["data", "vol", "run"] {
+            std::fs::create_dir(root.join(d)).expect("mkdir");
+        }
+        std::fs::set_permissions(root.join("vol"), std::fs::Permissions::from_mode(0o1777))
+            .expect("chmod");
+        let holder = Command::new("unshare")
+            .args(["-m", "--propagation", "private", "--", "sleep", "7200"])
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("unshare");
+        let pid = holder.id();
+        // Wait until the holder runs in its own namespace.
+        for _ in 0..200 {
+            let mine = std::fs::read_link("/proc/self/ns/mnt").ok();
+            let theirs = std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok();
+            let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
+            if theirs.is_some() && theirs != mine && exe.is_some_and(|e| e.ends_with("sleep")) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let ns = Ns {
+            holder,
+            pid,
+            root,
+            _dir: dir,
+        };
+        if shared {
+            ns.sh_ok("mount --make-rshared /");
+        }
+        ns.sh_ok(&format!(
+            "mount -t tmpfs -o mode=1777 asdtest-vol {}",
+            ns.vol().display()
+        ));
+        ns
+    }
+
+    pub fn data(&self) -> PathBuf {
+        self.root.join("data")
+    }
+    pub fn vol(&self) -> PathBuf {
+        self.root.join("vol")
+    }
+    pub fn run_dir(&self) -> PathBuf {
+        self.root.join("run")
+    }
+    pub fn conf(&self) -> PathBuf {
+        self.root.join("asd.conf")
+    }
+
+    /// A path as seen inside the namespace.
+    pub fn inside(&self, p: &Path) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/root", self.pid)).join(p.strip_prefix("/").unwrap_or(p))
+    }
+
+    pub fn cmd(&self, program: &str) -> Command {
+        let mut c = Command::new("nsenter");
+        c.args(["-t", &self.pid.to_string(), "-m", "--", program]);
+        c.stdin(Stdio::null());
+        c
+    }
+
+    pub fn sh(&self, script: &str) -> Output {
+        self.cmd("bash")
+            .args(["-c", script])
+            .output()
+            .expect("nsenter")
+    }
+
+    pub fn sh_ok(&self, script: &str) -> String {
+        let out = self.sh(script);
+        assert!(
+            out.status.success(),
+            "`{script}` failed: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Write the config file for `targets` (plus extra lines).
+    pub fn write_conf(&self, targets: &[&Path], extra: &str) {
+        let list: Vec<String> = targets
+            .iter()
+            .map(|t| format!("'{}'", t.display()))
+            .collect();
+        let text = format!(
+            "WHATTOSYNC=({})\nVOLATILE=\"{}\"\n{extra}\n",
+            list.join(" "),
+            self.vol().display()
+        );
+        std::fs::write(self.conf(), text).expect("write conf");
+    }
+
+    pub fn asd_cmd(&self, args: &[&str]) -> Command {
+        let mut c = self.cmd(ASD);
+        c.args(args)
+            .env("ASDCONF", self.conf())
+            .env("ASD_RUNTIME_DIR", self.run_dir())
+            .env("NO_COLOR", "1");
+        c
+    }
+
+    pub fn asd(&self, args: &[&str]) -> Output {
+        self.asd_cmd(args).output().expect("run asd")
+    }
+
+    /// Run asd and insist it succeeds; returns stdout + stderr.
+    pub fn asd_ok(&self, args: &[&str]) -> String {
+        let out = self.asd(args);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "asd {args:?} failed:\n{text}");
+        text
+    }
+
+    /// Mount points inside the namespace under our scratch dir.
+    pub fn our_mounts(&self) -> Vec<String> {
+        let info =
+            std::fs::read_to_string(format!("/proc/{}/mountinfo", self.pid)).unwrap_or_default();
+        let root = self.root.to_string_lossy().into_owned();
+        info.lines()
+            .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
+            .filter(|mp| mp.starts_with(&root) && *mp != self.vol().to_string_lossy())
+            .collect()
+    }
+
+    /// What a reboot does to mounts: everything asd mounted is gone, and so is the tmpfs.
+    pub fn drop_all_mounts(&self) {
+        let root = self.root.display();
+        self.sh_ok(&format!(
+            "for i in 1 2 3 4 5 6; do grep -F ' {root}' /proc/self/mountinfo | cut -d' ' -f5 | sort -r | while read -r m; do umount -l \"$(printf '%b' \"$m\")\" 2>/dev/null; done; done; \
+             mount -t tmpfs -o mode=1777 asdtest-vol {}",
+            self.vol().display()
+        ));
+    }
+
+    /// `rsync -aXn --delete --itemize-changes a/ b/` inside the namespace: empty when equal.
+    pub fn tree_diff(&self, a: &Path, b: &Path) -> String {
+        let out = self
+            .cmd("rsync")
+            .args(["-aXn", "--delete", "--itemize-changes"])
+            .arg(format!("{}/", a.display()))
+            .arg(format!("{}/", b.display()))
+            .output()
+            .expect("rsync");
+        assert!(
+            out.status.success(),
+            "rsync failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn statfs_type(&self, p: &Path) -> String {
+        self.sh_ok(&format!("stat -f -c %T '{}'", p.display()))
+            .trim()
+            .to_string()
+    }
+}
+
+impl Drop for Ns {
+    fn drop(&mut self) {
+        let _ = self.holder.kill();
+        let _ = self.holder.wait();
+    }
+}
+
+/// Create `user` if missing; returns (uid, gid).
+pub fn test_user(name: &str) -> (u32, u32) {
+    let _ = Command::new("useradd")
+        .args(["-m", "-s", "/bin/sh", name])
+        .stderr(Stdio::null())
+        .status();
+    let out = Command::new("id").args(["-u", name]).output().expect("id");
+    let uid: u32 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("uid");
+    let out = Command::new("id").args(["-g", name]).output().expect("id");
+    let gid: u32 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("gid");
+    (uid, gid)
+}

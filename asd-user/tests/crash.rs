@@ -1,0 +1,372 @@
+//! Crash recovery (issue 2 item 5): kill -9 in the middle of sync, resync and unsync, drop the
+//! mounts as a reboot would (with and without the runtime state), start again, and check that
+//! nothing written back by a completed resync is lost and no file is torn. Also a simulated power
+//! cut right after a resync reported success.
+
+mod common;
+use common::*;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+const FILES: usize = 4000;
+
+/// Content of file `i` in version `v`: a recognisable pattern of a size that depends on both, so
+/// a torn file (part old, part new, or cut short) matches neither version.
+fn content(v: u32, i: usize) -> Vec<u8> {
+    let size = 2048 + (i * 7919 + v as usize * 104_729) % 60_000;
+    let pat = format!("v{v}-file{i}-");
+    pat.bytes().cycle().take(size).collect()
+}
+
+fn write_version(ns: &Ns, dir: &Path, v: u32) {
+    // Write through the namespace's view (the target may be covered by a mount there).
+    let base = ns.inside(dir);
+    std::fs::create_dir_all(base.join("sub")).expect("mkdir");
+    for i in 0..FILES {
+        let name = if i % 2 == 0 {
+            format!("f{i}")
+        } else {
+            format!("sub/f{i}")
+        };
+        std::fs::write(base.join(name), content(v, i)).expect("write");
+    }
+}
+
+/// Which version each file holds (None: missing); panics on a torn or foreign file.
+fn versions(root: &Path, candidates: &[u32]) -> Vec<Option<u32>> {
+    (0..FILES)
+        .map(|i| {
+            let name = if i % 2 == 0 {
+                format!("f{i}")
+            } else {
+                format!("sub/f{i}")
+            };
+            match std::fs::read(root.join(&name)) {
+                Ok(data) => Some(
+                    *candidates
+                        .iter()
+                        .find(|v| content(**v, i) == data)
+                        .unwrap_or_else(|| {
+                            panic!("{name} is torn: {} bytes match no version", data.len())
+                        }),
+                ),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) => panic!("{name}: {e}"),
+            }
+        })
+        .collect()
+}
+
+fn temp_files(ns: &Ns, dir: &Path) -> String {
+    ns.sh_ok(&format!("find '{}' -name '.#asd-tmp.*'", dir.display()))
+}
+
+/// Start `asd <cmd>`, let it run for `after`, then kill -9 it (and its workers).
+fn kill_during(ns: &Ns, cmd: &str, after: Duration) -> bool {
+    let mut child = ns.asd_cmd(&[cmd]).spawn().expect("spawn asd");
+    std::thread::sleep(after);
+    let finished = child.try_wait().ok().flatten().is_some();
+    let _ = child.kill();
+    let _ = child.wait();
+    finished
+}
+
+fn snapshots(ns: &Ns, p: &asd::paths::TargetPaths) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(ns.inside(p.parent()))
+        .expect("readdir")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|x| {
+            let n = x
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
+            n.starts_with(".t-backup_asd-crashrecovery-") && n.ends_with(".tar.zstd")
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Extract a snapshot with GNU tar and return where the target's tree landed.
+fn extract(ns: &Ns, snap: &Path) -> PathBuf {
+    let out = ns.root.join("extracted");
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir(&out).expect("mkdir");
+    let st = std::process::Command::new("tar")
+        .arg("-xf")
+        .arg(snap)
+        .arg("-C")
+        .arg(&out)
+        .status()
+        .expect("tar");
+    assert!(st.success(), "GNU tar could not extract {}", snap.display());
+    out.join("t")
+}
+
+struct Setup {
+    ns: Ns,
+    target: PathBuf,
+    paths: asd::paths::TargetPaths,
+}
+
+/// v1 on disk, synced, v2 written and resynced; returns with v2 durable on disk.
+fn setup() -> Setup {
+    let ns = Ns::new();
+    let target = ns.data().join("t");
+    std::fs::create_dir(&target).expect("mkdir");
+    write_version(&ns, &target, 1);
+    ns.write_conf(&[&target], "");
+    ns.asd_ok(&["sync"]);
+    write_version(&ns, &target, 2);
+    ns.asd_ok(&["resync"]);
+    let paths = asd::paths::TargetPaths::new(&target, "root", &ns.vol()).expect("paths");
+    Setup { ns, target, paths }
+}
+
+fn reboot(s: &Setup, keep_state: bool) {
+    s.ns.drop_all_mounts();
+    assert!(
+        s.ns.our_mounts().is_empty(),
+        "mounts left: {:?}",
+        s.ns.our_mounts()
+    );
+    if !keep_state {
+        std::fs::remove_dir_all(s.ns.run_dir()).expect("forget runtime state");
+    }
+}
+
+/// After recovery: target holds v2 or v3 per file, whole; a snapshot with the start state (v1).
+fn check_recovered(s: &Setup, out: &str, allowed: &[u32]) {
+    assert!(
+        out.contains("recovered"),
+        "sync should report the recovery:\n{out}"
+    );
+    assert_eq!(
+        s.ns.statfs_type(&s.target),
+        "tmpfs",
+        "back in RAM after recovery"
+    );
+    let vs = versions(&s.ns.inside(&s.paths.backup), allowed);
+    let count = |v| vs.iter().filter(|x| **x == Some(v)).count();
+    eprintln!(
+        "after recovery: {} files v2, {} files v3, {} missing",
+        count(2),
+        count(3),
+        vs.iter().filter(|x| x.is_none()).count()
+    );
+    assert!(
+        vs.iter().all(|v| v.is_some()),
+        "a file written back by a completed resync is missing"
+    );
+    assert_eq!(
+        temp_files(&s.ns, &s.paths.backup),
+        "",
+        "temporary files left in the target"
+    );
+    let snaps = snapshots(&s.ns, &s.paths);
+    assert_eq!(
+        snaps.len(),
+        1,
+        "one crash-recovery snapshot expected: {snaps:?}"
+    );
+    let restored = extract(&s.ns, &snaps[0]);
+    let vs = versions(&restored, &[1]);
+    assert!(
+        vs.iter().all(|v| *v == Some(1)),
+        "the snapshot restores the start state"
+    );
+    s.ns.asd_ok(&["unsync"]);
+    assert!(s.ns.our_mounts().is_empty());
+    versions(&s.ns.inside(&s.target), allowed);
+}
+
+fn crash_in_resync(keep_state: bool) {
+    if !require_root() {
+        return;
+    }
+    let s = setup();
+    write_version(&s.ns, &s.target, 3);
+    let finished = kill_during(&s.ns, "resync", Duration::from_millis(150));
+    eprintln!(
+        "resync had {}finished when killed",
+        if finished { "" } else { "not " }
+    );
+    reboot(&s, keep_state);
+    let out = s.ns.asd_ok(&["sync"]);
+    check_recovered(&s, &out, &[2, 3]);
+}
+
+#[test]
+fn kill_during_resync_then_reboot_with_state() {
+    crash_in_resync(true);
+}
+
+#[test]
+fn kill_during_resync_then_reboot_without_state() {
+    crash_in_resync(false);
+}
+
+#[test]
+fn kill_during_unsync_then_reboot() {
+    if !require_root() {
+        return;
+    }
+    let s = setup();
+    write_version(&s.ns, &s.target, 3);
+    kill_during(&s.ns, "unsync", Duration::from_millis(150));
+    reboot(&s, true);
+    let out = s.ns.asd_ok(&["sync"]);
+    check_recovered(&s, &out, &[2, 3]);
+}
+
+#[test]
+fn kill_during_sync_then_reboot() {
+    if !require_root() {
+        return;
+    }
+    let ns = Ns::new();
+    let target = ns.data().join("t");
+    std::fs::create_dir(&target).expect("mkdir");
+    write_version(&ns, &target, 1);
+    ns.write_conf(&[&target], "");
+    kill_during(&ns, "sync", Duration::from_millis(100));
+    ns.drop_all_mounts();
+    let out = ns.asd_ok(&["sync"]);
+    assert!(out.contains("sync successful"), "{out}");
+    let p = asd::paths::TargetPaths::new(&target, "root", &ns.vol()).expect("paths");
+    assert!(versions(&ns.inside(&p.backup), &[1])
+        .iter()
+        .all(|v| *v == Some(1)));
+    assert!(versions(&ns.inside(&target), &[1])
+        .iter()
+        .all(|v| *v == Some(1)));
+    ns.asd_ok(&["unsync"]);
+    assert!(ns.our_mounts().is_empty());
+    assert!(versions(&target, &[1]).iter().all(|v| *v == Some(1)));
+    assert_eq!(temp_files(&ns, &target), "");
+}
+
+/// A killed daemon without a reboot: the mounts and the RAM copy survive; the next start adopts
+/// them and the next resync writes everything, including what was written after the kill.
+#[test]
+fn kill_without_reboot_keeps_ram_copy() {
+    if !require_root() {
+        return;
+    }
+    let s = setup();
+    write_version(&s.ns, &s.target, 3);
+    kill_during(&s.ns, "resync", Duration::from_millis(150));
+    let out = s.ns.asd_ok(&["sync"]);
+    assert!(out.contains("already running"), "{out}");
+    s.ns.asd_ok(&["resync"]);
+    let vs = versions(&s.ns.inside(&s.paths.backup), &[3]);
+    assert!(
+        vs.iter().all(|v| *v == Some(3)),
+        "everything in RAM reached the disk"
+    );
+    s.ns.asd_ok(&["unsync"]);
+    assert!(versions(&s.target, &[3]).iter().all(|v| *v == Some(3)));
+    assert!(
+        snapshots(&s.ns, &s.paths).is_empty(),
+        "no crash, no snapshot"
+    );
+}
+
+/// Restores the writeback sysctls even if the test fails.
+struct Writeback(Vec<(String, String)>);
+
+impl Writeback {
+    fn off() -> Writeback {
+        let keys = ["vm.dirty_writeback_centisecs", "vm.dirty_expire_centisecs"];
+        let saved = keys
+            .iter()
+            .map(|k| {
+                let path = format!("/proc/sys/{}", k.replace('.', "/"));
+                (
+                    path.clone(),
+                    std::fs::read_to_string(&path)
+                        .expect("sysctl")
+                        .trim()
+                        .to_string(),
+                )
+            })
+            .collect();
+        std::fs::write("/proc/sys/vm/dirty_writeback_centisecs", "0").expect("sysctl");
+        std::fs::write("/proc/sys/vm/dirty_expire_centisecs", "360000").expect("sysctl");
+        Writeback(saved)
+    }
+}
+
+impl Drop for Writeback {
+    fn drop(&mut self) {
+        for (path, value) in &self.0 {
+            let _ = std::fs::write(path, value);
+        }
+    }
+}
+
+/// Power cut right after a resync reported success: copy the disk image while it is still mounted
+/// with background writeback off, so the copy holds only what was made durable.
+#[test]
+fn power_cut_after_resync_keeps_its_data() {
+    if !require_root() {
+        return;
+    }
+    let ns = Ns::new();
+    let img = ns.root.join("disk.img");
+    let mnt = ns.root.join("disk");
+    std::fs::create_dir(&mnt).expect("mkdir");
+    ns.sh_ok(&format!(
+        "truncate -s 512M '{i}' && mkfs.ext4 -q -F '{i}' && mount -o loop '{i}' '{m}'",
+        i = img.display(),
+        m = mnt.display()
+    ));
+    let target = mnt.join("t");
+    std::fs::create_dir(ns.inside(&target)).expect("mkdir");
+    write_version(&ns, &target, 1);
+    ns.sh_ok("sync");
+    ns.write_conf(&[&target], "");
+    ns.asd_ok(&["sync"]);
+    let cut = ns.root.join("cut.img");
+    {
+        let _wb = Writeback::off();
+        write_version(&ns, &target, 2);
+        ns.asd_ok(&["resync"]);
+        // The power cut: whatever is not on the image now is lost.
+        ns.sh_ok(&format!(
+            "cp --sparse=always '{}' '{}'",
+            img.display(),
+            cut.display()
+        ));
+    }
+    ns.asd_ok(&["unsync"]);
+    ns.sh_ok(&format!("umount '{}'", mnt.display()));
+    // The reboot: repair the image, mount it where it was, and let asd recover.
+    let fsck = std::process::Command::new("e2fsck")
+        .arg("-fy")
+        .arg(&cut)
+        .output()
+        .expect("e2fsck");
+    assert!(
+        fsck.status.code().unwrap_or(8) < 4,
+        "e2fsck: {}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+    ns.drop_all_mounts();
+    ns.sh_ok(&format!(
+        "mount -o loop '{}' '{}'",
+        cut.display(),
+        mnt.display()
+    ));
+    let out = ns.asd_ok(&["sync"]);
+    assert!(out.contains("recovered"), "{out}");
+    ns.asd_ok(&["unsync"]);
+    let vs = versions(&ns.inside(&target), &[2]);
+    assert!(
+        vs.iter().all(|v| *v == Some(2)),
+        "every file of the resync survived the power cut"
+    );
+    ns.sh_ok(&format!("umount '{}'", mnt.display()));
+}

@@ -1,0 +1,139 @@
+//! Copy mode end to end, as root, with real mounts in a private mount namespace (issue 2).
+
+mod common;
+use common::*;
+use std::path::Path;
+
+/// A small tree with the awkward cases: nested dirs, empty dir, symlinks, spaces and a newline in
+/// names, a hidden file, a fifo, an xattr, odd modes.
+fn make_tree(ns: &Ns, dir: &Path) {
+    ns.sh_ok(&format!(
+        r#"set -e; mkdir -p '{d}'; cd '{d}'
+        mkdir -p a/b/c empty 'dir with space'
+        echo one > a/one.txt; echo two > a/b/two.txt; head -c 200000 /dev/urandom > a/b/c/blob.bin
+        echo hidden > .hidden; echo spaced > 'dir with space/file name.txt'
+        printf 'x' > "$(printf 'new\nline')"
+        ln -s a/one.txt link-to-one; ln -s /nonexistent dangling
+        mkfifo fifo; chmod 0750 a/b; chmod 0600 a/one.txt
+        setfattr -n user.color -v blue a/one.txt
+        echo edit-me > edit.txt; echo delete-me > delete.txt; echo mode > mode.txt
+        mkdir -p gone/deep; echo x > gone/deep/x"#,
+        d = dir.display()
+    ));
+}
+
+/// The same changes, applied to the synced target and to a plain copy.
+fn mutate(ns: &Ns, dir: &Path) {
+    ns.sh_ok(&format!(
+        r#"set -e; cd '{d}'
+        echo edited >> edit.txt; rm delete.txt; chmod 0704 mode.txt
+        echo added > added.txt; mkdir -p newdir/sub; echo n > newdir/sub/n.txt; mkdir newempty
+        ln -sf edit.txt link-to-one; rm -r gone
+        setfattr -n user.new -v 42 edit.txt; setfattr -x user.color a/one.txt
+        printf 'y' > "$(printf 'other\nnewline') with space"
+        head -c 50000 /dev/urandom > a/b/c/blob.bin"#,
+        d = dir.display()
+    ));
+}
+
+/// Give every entry of both trees the same, distinct, nanosecond mtime, so that a lost or
+/// rounded mtime shows up in the comparison.
+fn stamp(ns: &Ns, dir: &Path) {
+    ns.sh_ok(&format!(
+        r#"cd '{d}' && find . -depth -print0 | while IFS= read -r -d '' f; do
+             n=$(printf '%s' "$f" | cksum | cut -d' ' -f1)
+             touch -h -d "@$((1500000000 + n % 100000000)).$((n % 1000000000))" "$f"
+           done"#,
+        d = dir.display()
+    ));
+}
+
+fn roundtrip(shared: bool) {
+    if !require_root() {
+        return;
+    }
+    assert!(
+        have("rsync") && have("setfattr"),
+        "rsync and attr are needed: run the README test command"
+    );
+    let ns = Ns::with_propagation(shared);
+    let target = ns.data().join("t");
+    let expected = ns.data().join("expected");
+    make_tree(&ns, &target);
+    make_tree(&ns, &expected);
+    stamp(&ns, &target);
+    stamp(&ns, &expected);
+    ns.write_conf(&[&target], "");
+
+    let out = ns.asd_ok(&["sync"]);
+    assert!(out.contains("sync successful"), "{out}");
+    assert_eq!(ns.statfs_type(&target), "tmpfs", "writes must land in RAM");
+    let p = asd::paths::TargetPaths::new(&target, "root", &ns.vol()).expect("paths");
+    assert_ne!(ns.statfs_type(&p.backup), "tmpfs", "the backup is the disk");
+    assert_eq!(
+        ns.tree_diff(&target, &expected),
+        "",
+        "the RAM copy shows the same tree"
+    );
+
+    // A second sync says so and succeeds.
+    let again = ns.asd_ok(&["sync"]);
+    assert!(again.contains("already running"), "{again}");
+
+    mutate(&ns, &target);
+    mutate(&ns, &expected);
+    stamp(&ns, &target);
+    stamp(&ns, &expected);
+    // Nothing reached the disk yet.
+    assert!(!ns.inside(&p.backup.join("added.txt")).exists());
+
+    let out = ns.asd_ok(&["resync"]);
+    assert!(out.contains("resync successful"), "{out}");
+    assert_eq!(
+        ns.tree_diff(&p.volatile, &p.backup),
+        "",
+        "after resync the disk equals RAM"
+    );
+    assert!(
+        ns.inside(&p.old.join("delete.txt")).exists(),
+        "the start clone keeps the start state"
+    );
+    assert_eq!(
+        std::fs::read_to_string(ns.inside(&p.old.join("edit.txt"))).expect("old edit"),
+        "edit-me\n",
+        "the start clone is not changed by resync"
+    );
+
+    let out = ns.asd_ok(&["unsync"]);
+    assert!(out.contains("unsync successful"), "{out}");
+    assert_eq!(
+        ns.our_mounts(),
+        Vec::<String>::new(),
+        "nothing left mounted"
+    );
+    assert_eq!(
+        ns.tree_diff(&target, &expected),
+        "",
+        "the disk holds the final tree"
+    );
+    for leftover in [&p.backup, &p.old, &p.old_partial, &p.user_area] {
+        assert!(
+            !ns.inside(leftover).exists(),
+            "{} left behind",
+            leftover.display()
+        );
+    }
+    assert!(!ns.run_dir().join("state.json").exists());
+    let again = ns.asd_ok(&["unsync"]);
+    assert!(again.contains("not running"), "{again}");
+}
+
+#[test]
+fn roundtrip_private_root() {
+    roundtrip(false);
+}
+
+#[test]
+fn roundtrip_shared_root() {
+    roundtrip(true);
+}
