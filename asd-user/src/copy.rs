@@ -1842,7 +1842,12 @@ impl<'a> Engine<'a> {
             }
         }
         // Phase 3: renames.
-        for job in &renames {
+        let crash_at = crash_point();
+        for (n, job) in renames.iter().enumerate() {
+            if crash_at == Some(n) {
+                // Fault injection for the crash tests: die like kill -9, mid-rename.
+                std::process::abort();
+            }
             let Some(dir) = self.deferred_dir(root, &mut dirs, job.dir) else {
                 continue;
             };
@@ -1954,6 +1959,15 @@ fn walk_entry(
             walk(sub.as_fd(), path, buf, visit)
         }
     }
+}
+
+/// Test hook: `ASD_TEST_CRASH_AFTER_RENAMES=N` makes a durable run abort after N renames, so the
+/// crash tests can stop a resync exactly in the middle of putting files in place.
+fn crash_point() -> Option<usize> {
+    std::env::var("ASD_TEST_CRASH_AFTER_RENAMES")
+        .ok()?
+        .parse()
+        .ok()
 }
 
 /// Removes leftovers of interrupted copies below `root`: every entry whose name starts with

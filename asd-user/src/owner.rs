@@ -118,7 +118,13 @@ fn run_in_worker(owner: &Owner, job: &Job, fd: Option<OwnedFd>) -> Result<Output
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
-    for key in ["RUST_LOG", "DEBUG", "ASD_LOG", "NO_COLOR"] {
+    for key in [
+        "RUST_LOG",
+        "DEBUG",
+        "ASD_LOG",
+        "NO_COLOR",
+        "ASD_TEST_CRASH_AFTER_RENAMES",
+    ] {
         if let Some(v) = std::env::var_os(key) {
             cmd.env(key, v);
         }

@@ -109,6 +109,8 @@ struct Setup {
     ns: Ns,
     target: PathBuf,
     paths: asd::paths::TargetPaths,
+    /// How long a full resync of every file took: kills are placed at fractions of it.
+    resync_time: Duration,
 }
 
 /// v1 on disk, synced, v2 written and resynced; returns with v2 durable on disk.
@@ -120,9 +122,16 @@ fn setup() -> Setup {
     ns.write_conf(&[&target], "");
     ns.asd_ok(&["sync"]);
     write_version(&ns, &target, 2);
+    let start = std::time::Instant::now();
     ns.asd_ok(&["resync"]);
+    let resync_time = start.elapsed();
     let paths = asd::paths::TargetPaths::new(&target, "root", &ns.vol()).expect("paths");
-    Setup { ns, target, paths }
+    Setup {
+        ns,
+        target,
+        paths,
+        resync_time,
+    }
 }
 
 fn reboot(s: &Setup, keep_state: bool) {
@@ -182,15 +191,19 @@ fn check_recovered(s: &Setup, out: &str, allowed: &[u32]) {
     versions(&s.ns.inside(&s.target), allowed);
 }
 
-fn crash_in_resync(keep_state: bool) {
+/// Kill a resync at `fraction` of the time a full one takes, so that runs land in different
+/// phases (temporary files written, renames under way, deletions); the checks hold for all.
+fn crash_in_resync(keep_state: bool, fraction: f64) {
     if !require_root() {
         return;
     }
     let s = setup();
     write_version(&s.ns, &s.target, 3);
-    let finished = kill_during(&s.ns, "resync", Duration::from_millis(150));
+    let after = s.resync_time.mul_f64(fraction);
+    let finished = kill_during(&s.ns, "resync", after);
     eprintln!(
-        "resync had {}finished when killed",
+        "resync killed after {after:?} (a full one took {:?}); it had {}finished",
+        s.resync_time,
         if finished { "" } else { "not " }
     );
     reboot(&s, keep_state);
@@ -200,12 +213,43 @@ fn crash_in_resync(keep_state: bool) {
 
 #[test]
 fn kill_during_resync_then_reboot_with_state() {
-    crash_in_resync(true);
+    crash_in_resync(true, 0.5);
+}
+
+#[test]
+fn kill_late_in_resync_then_reboot_with_state() {
+    crash_in_resync(true, 0.85);
 }
 
 #[test]
 fn kill_during_resync_then_reboot_without_state() {
-    crash_in_resync(false);
+    crash_in_resync(false, 0.7);
+}
+
+/// Deterministic: the resync dies (abort, like kill -9) after putting 1500 of 4000 files in
+/// place, so the disk holds a mix; every file must still be whole, and none lost.
+#[test]
+fn crash_in_the_middle_of_renames() {
+    if !require_root() {
+        return;
+    }
+    let s = setup();
+    write_version(&s.ns, &s.target, 3);
+    let out =
+        s.ns.asd_cmd(&["resync"])
+            .env("ASD_TEST_CRASH_AFTER_RENAMES", "1500")
+            .output()
+            .expect("asd");
+    assert!(
+        !out.status.success(),
+        "the injected crash must stop the resync"
+    );
+    let mixed = versions(&s.ns.inside(&s.paths.backup), &[2, 3]);
+    let v3 = mixed.iter().filter(|v| **v == Some(3)).count();
+    assert_eq!(v3, 1500, "exactly the renamed files are new on disk");
+    reboot(&s, true);
+    let out = s.ns.asd_ok(&["sync"]);
+    check_recovered(&s, &out, &[2, 3]);
 }
 
 #[test]
