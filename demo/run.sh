@@ -44,7 +44,8 @@ step "simulated crash: asd's mounts vanish as in a reboot, RAM is lost"
 echo "unsaved" > "$target/lost.txt"
 umount "$target" "$work/site/.cache-backup_asd"; umount "$work/vol"; mount -t tmpfs -o mode=1777 asd-demo "$work/vol"
 step "asd sync (recovers: snapshot of the start state, then back in RAM)"; "$ASD" sync
-ls -1 "$work/site" | sed 's/^/  /'
+ls -1A "$work/site" | sed 's/^/  /'
+echo "lost.txt, written after the last resync, is gone as it must be: $(test -e "$target/lost.txt" && echo present || echo gone)"
 step "asd unsync"; "$ASD" unsync
 echo "filesystem behind $target: $(stat -f -c %T "$target")"
 echo "new.txt: $(cat "$target/new.txt")"

@@ -279,13 +279,14 @@ impl Engine<'_> {
         recover::cleanup(t)
     }
 
-    /// Write one live target back to disk; durable when it returns.
-    fn write_back(&self, t: &TargetState) -> Result<CopyStats, EngineError> {
+    /// Write one live target back to disk; durable when it returns. `dst` is the original
+    /// directory: its backup mount while covered, the target path itself once uncovered.
+    fn write_back(&self, t: &TargetState, dst: &Path) -> Result<CopyStats, EngineError> {
         let p = &t.paths;
         let job = match t.mode {
             Mode::Copy => Job::Copy {
                 src: p.volatile.clone(),
-                dst: p.backup.clone(),
+                dst: dst.to_path_buf(),
                 delete: true,
                 durable: true,
             },
@@ -318,7 +319,7 @@ impl Engine<'_> {
                 failed += 1;
                 continue;
             }
-            match self.write_back(t) {
+            match self.write_back(t, &t.paths.backup) {
                 Ok(s) => report.stats.push((t.paths.target.clone(), s)),
                 Err(e) => {
                     tracing::error!("{e}");
@@ -390,10 +391,11 @@ impl Engine<'_> {
     fn unsync_live(&self, t: &TargetState) -> Result<(), EngineError> {
         let p = &t.paths;
         let te = |e: MountError| target_err(&p.target, e);
-        self.write_back(t)?;
+        self.write_back(t, &p.backup)?;
         self.mounter.uncover(t).map_err(te)?;
-        // Catch what was written between the write-back and the unmount.
-        self.write_back(t)?;
+        // Catch what was written between the write-back and the unmount. The target path shows
+        // the original directory again (the helper may already have dropped the backup mount).
+        self.write_back(t, &p.target)?;
         if t.mode == Mode::Overlay {
             // The overlay must be gone before its upper layer is applied to the lower.
             self.mounter.release(t).map_err(te)?;

@@ -4,52 +4,15 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
+use clap::Parser;
 
+use asd::cli::{Cli, Command};
 use asd::config::{self, Expand};
 use asd::engine::Engine;
+use asd::mount::via_helper::ViaHelper;
 use asd::mount::{InProcess, Mounter};
 use asd::state::Runtime;
 use asd::style::Style;
-
-#[derive(Parser)]
-#[command(
-    name = "asd",
-    version,
-    about = "anything-sync-daemon: keep directories in RAM, write them back safely",
-    long_about = "Moves the directories named in WHATTOSYNC into tmpfs behind bind mounts at the same \
-                  path, writes them back to disk on resync and at unsync, and recovers after crashes.\n\n\
-                  Config: $ASDCONF, else /etc/asd.conf for root, else ${XDG_CONFIG_HOME:-~/.config}/asd/asd.conf."
-)]
-struct Cli {
-    /// Show debug detail (also DEBUG=1).
-    #[arg(short, long, global = true)]
-    verbose: bool,
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Put every target in RAM (recovering first if a crash left anything behind).
-    Sync,
-    /// Write every target back to disk, durably.
-    Resync,
-    /// Write back, unmount, and remove everything asd made.
-    Unsync,
-    /// Show what asd will do or is doing.
-    #[command(visible_aliases = ["p", "P", "parse", "Parse", "Preview", "debug"])]
-    Preview {
-        /// Print JSON for scripts.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Delete all crash-recovery snapshots of the configured targets.
-    #[command(visible_aliases = ["c", "C", "Clean"])]
-    Clean,
-    /// What the systemd units run: sync, resync every RESYNC_INTERVAL, unsync on SIGTERM.
-    Daemon,
-}
 
 fn init_logging(verbose: bool) {
     let debug = verbose || std::env::var("DEBUG").is_ok_and(|v| v == "1");
@@ -92,18 +55,42 @@ fn config_location() -> Result<(PathBuf, Expand)> {
     Ok((base.join("asd/asd.conf"), Expand { home }))
 }
 
-fn mounter() -> Result<Box<dyn Mounter>> {
+/// Root mounts by itself; everyone else asks the helper.
+fn mounter() -> Box<dyn Mounter> {
     if is_root() {
-        Ok(Box::new(InProcess))
+        Box::new(InProcess)
     } else {
-        anyhow::bail!(
-            "asd needs root for mounting; the per-user mode through asd-helper is not available in this build. Run asd as root with /etc/asd.conf"
-        )
+        Box::new(ViaHelper::new())
     }
+}
+
+/// First run of a user without a config: write the commented template and say where.
+fn ensure_user_config(path: &std::path::Path) -> Result<bool> {
+    if is_root() || std::env::var_os("ASDCONF").is_some() || path.exists() {
+        return Ok(false);
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    std::io::Write::write_all(&mut f, config::default_template().as_bytes())
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(true)
 }
 
 fn run(cli: Cli) -> Result<()> {
     let (config_file, expand) = config_location()?;
+    if ensure_user_config(&config_file)? {
+        println!(
+            "asd: wrote a commented config template to {}; add the directories to keep in RAM to WHATTOSYNC there, then run this again",
+            config_file.display()
+        );
+        return Ok(());
+    }
     let runtime = Runtime::locate(is_root())?;
     let style = Style::detect();
     match cli.command {
@@ -134,7 +121,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         _ => {}
     }
-    let m = mounter()?;
+    let m = mounter();
     let engine = Engine {
         runtime,
         mounter: m.as_ref(),

@@ -161,6 +161,16 @@ pub fn build(
                 ),
             });
         }
+        let me = nix::unistd::geteuid().as_raw();
+        if me != 0 && meta.uid() != me {
+            return Err(PlanError::Target {
+                path: target.clone(),
+                reason: format!(
+                    "belongs to uid {}, not to you; asd run as a user syncs only that user's own directories (root's system-wide mode can sync any)",
+                    meta.uid()
+                ),
+            });
+        }
         let owner = owner_of(meta.uid(), meta.gid());
         let paths =
             TargetPaths::new(target, &owner.name, volatile).ok_or_else(|| PlanError::Target {

@@ -94,6 +94,9 @@ pub enum ServiceError {
     #[serde(rename = "io.asd.Helper.Overlaps")]
     #[error("{target} overlaps {other}")]
     Overlaps { target: String, other: String },
+    #[serde(rename = "io.asd.Helper.TooManyTargets")]
+    #[error("too many targets mounted for this user (limit {limit})")]
+    TooManyTargets { limit: u64 },
     #[serde(rename = "io.asd.Helper.NotMounted")]
     #[error("nothing is mounted for {target} for this caller")]
     NotMounted { target: String },
@@ -222,6 +225,7 @@ mod tests {
                 target: s(),
                 other: s(),
             },
+            ServiceError::TooManyTargets { limit: 1 },
             ServiceError::NotMounted { target: s() },
             ServiceError::WrongState {
                 target: s(),
@@ -257,7 +261,10 @@ mod tests {
             // Declared parameters match the serialized ones.
             let line = text.lines().find(|l| l.starts_with(&decl)).unwrap();
             for key in e.parameters().keys() {
-                assert!(line.contains(&format!("{key}: ")), "{name} lacks {key} in IDL");
+                assert!(
+                    line.contains(&format!("{key}: ")),
+                    "{name} lacks {key} in IDL"
+                );
             }
         }
     }

@@ -149,17 +149,23 @@ mod tests {
         let c = Call::parse(br#"{"method":"io.asd.Helper.ListMounts"}"#).unwrap();
         assert_eq!(c.method, "io.asd.Helper.ListMounts");
         assert!(c.parameters.is_empty() && !c.oneway && !c.more && !c.upgrade);
-        let c = Call::parse(br#"{"method":"a.B","parameters":{"x":1},"oneway":true,"new":0}"#)
-            .unwrap();
+        let c =
+            Call::parse(br#"{"method":"a.B","parameters":{"x":1},"oneway":true,"new":0}"#).unwrap();
         assert!(c.oneway);
         assert_eq!(c.parameters["x"], 1);
-        assert_eq!(Call::parse(&c.to_json().to_string().into_bytes()).unwrap(), c);
+        assert_eq!(
+            Call::parse(&c.to_json().to_string().into_bytes()).unwrap(),
+            c
+        );
     }
 
     #[test]
     fn rejects_bad_calls() {
         assert!(matches!(Call::parse(b"{"), Err(RequestError::NotJson(_))));
-        assert!(matches!(Call::parse(b"\xff\xfe"), Err(RequestError::NotJson(_))));
+        assert!(matches!(
+            Call::parse(b"\xff\xfe"),
+            Err(RequestError::NotJson(_))
+        ));
         assert_eq!(Call::parse(b"[1]"), Err(RequestError::NotObject));
         assert_eq!(Call::parse(b"{}"), Err(RequestError::NoMethod));
         assert_eq!(Call::parse(br#"{"method":7}"#), Err(RequestError::NoMethod));
@@ -173,7 +179,10 @@ mod tests {
         );
         // Deep nesting is an error, not a stack overflow.
         let deep = "[".repeat(100_000);
-        assert!(matches!(Call::parse(deep.as_bytes()), Err(RequestError::NotJson(_))));
+        assert!(matches!(
+            Call::parse(deep.as_bytes()),
+            Err(RequestError::NotJson(_))
+        ));
     }
 
     #[test]
@@ -185,6 +194,9 @@ mod tests {
             error: Some("io.asd.Helper.NotOwner".into()),
             continues: false,
         };
-        assert_eq!(Reply::parse(&r.to_json().to_string().into_bytes()).unwrap(), r);
+        assert_eq!(
+            Reply::parse(&r.to_json().to_string().into_bytes()).unwrap(),
+            r
+        );
     }
 }

@@ -363,7 +363,9 @@ mod tests {
             }
         );
         assert_eq!(
-            e(json!({"method": "io.asd.Helper.BindBackup", "parameters": {"target": 5, "mode": "copy"}})),
+            e(
+                json!({"method": "io.asd.Helper.BindBackup", "parameters": {"target": 5, "mode": "copy"}})
+            ),
             ServiceError::InvalidParameter {
                 parameter: "target".into()
             }
@@ -375,23 +377,31 @@ mod tests {
             }
         );
         assert_eq!(
-            e(json!({"method": "io.asd.Helper.BindBackup", "parameters": {"target": "/x", "mode": ""}})),
+            e(
+                json!({"method": "io.asd.Helper.BindBackup", "parameters": {"target": "/x", "mode": ""}})
+            ),
             ServiceError::InvalidMode { mode: "".into() }
         );
         assert_eq!(
-            e(json!({"method": "io.asd.Helper.BindBackup", "parameters": {"target": "/x", "mode": "Copy"}})),
+            e(
+                json!({"method": "io.asd.Helper.BindBackup", "parameters": {"target": "/x", "mode": "Copy"}})
+            ),
             ServiceError::InvalidMode {
                 mode: "Copy".into()
             }
         );
         assert_eq!(
-            e(json!({"method": "io.asd.Helper.BindBackup", "parameters": {"target": "/x", "mode": ["copy"]}})),
+            e(
+                json!({"method": "io.asd.Helper.BindBackup", "parameters": {"target": "/x", "mode": ["copy"]}})
+            ),
             ServiceError::InvalidParameter {
                 parameter: "mode".into()
             }
         );
         assert_eq!(
-            e(json!({"method": "io.asd.Helper.Detach", "parameters": {"target": "/x", "backup": "/etc"}})),
+            e(
+                json!({"method": "io.asd.Helper.Detach", "parameters": {"target": "/x", "backup": "/etc"}})
+            ),
             ServiceError::InvalidParameter {
                 parameter: "backup".into()
             }

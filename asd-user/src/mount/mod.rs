@@ -435,3 +435,5 @@ fn uid(u: u32) -> rustix::fs::Uid {
 fn gid(g: u32) -> rustix::fs::Gid {
     rustix::fs::Gid::from_raw(g)
 }
+
+pub mod via_helper;

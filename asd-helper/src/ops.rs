@@ -1,0 +1,1037 @@
+//! The methods of `io.asd.Helper`: validation (DESIGN.md §6 rules 1–6) and the mount steps.
+//!
+//! Every path is resolved on a worker thread that carries the caller's file system identity
+//! (see [`FsCreds::run`]): lookups refuse symlinks in any component (openat2
+//! `RESOLVE_NO_SYMLINKS`), permission checks are the caller's, and what the helper creates for
+//! the caller is the caller's. Mounts are then made through the opened descriptors
+//! (`open_tree`/`fsmount` + `move_mount`), so a path swapped after the check cannot redirect
+//! them.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use asd_protocol::method::to_parameters;
+use asd_protocol::{
+    AreaReply, BackupReply, CoverReply, DetachReply, Info, Method, Mode, MountEntry, MountList,
+    OverlayReply, ServiceError,
+};
+use rustix::fs::{Access, AtFlags, Mode as FsMode};
+use rustix::io::Errno;
+use serde_json::{Map, Value};
+
+use crate::paths::{self, display, AreaPaths};
+use crate::peer::Peer;
+use crate::polkit;
+use crate::records::{AreaRecord, DirId, MountRecord, Store, UserRecord};
+use crate::sys::{self, FsCreds, MountId};
+
+type Reply = Result<Map<String, Value>, ServiceError>;
+
+const TMPFS_MAGIC: u64 = 0x0102_1994;
+
+/// Targets one uid may have mounted at once (DESIGN.md §6 rule 5: bounded).
+pub const MAX_TARGETS_PER_UID: usize = 128;
+
+/// File systems the helper never mounts from or over.
+const REFUSED_FS: &[(u64, &str)] = &[
+    (0x9fa0, "proc"),
+    (0x6265_6572, "sysfs"),
+    (0x1cd1, "devpts"),
+    (0x0027_e0eb, "cgroup"),
+    (0x6367_7270, "cgroup2"),
+    (0x6462_6720, "debugfs"),
+    (0x7472_6163, "tracefs"),
+    (0x7363_6673, "securityfs"),
+    (0xcafe_4a11, "bpf"),
+    (0x6573_5546, "fuse"),
+    (0x6e73_6673, "nsfs"),
+    (0x6165_676c, "pstore"),
+    (0x6265_6570, "configfs"),
+    (0xde5e_81e4, "efivarfs"),
+    (0xf97c_ff8c, "selinuxfs"),
+    (0x1980_0202, "mqueue"),
+    (0x4249_4e4d, "binfmt_misc"),
+    (0x0187, "autofs"),
+    (0x9584_58f6, "hugetlbfs"),
+];
+
+/// Shared state of the helper.
+pub struct Ctx {
+    pub store: Store,
+    locks: Mutex<HashMap<u32, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+fn errno(e: Errno) -> i32 {
+    e.raw_os_error()
+}
+
+fn sys_err(op: &str, path: &Path, e: Errno) -> ServiceError {
+    ServiceError::system(format!("{op} {}", display(path)), errno(e))
+}
+
+/// Maps a failed lookup of `path` onto the named error.
+fn lookup_err(path: &Path, e: Errno) -> ServiceError {
+    let path_s = display(path);
+    match e {
+        Errno::LOOP => ServiceError::SymlinkInPath { path: path_s },
+        Errno::NOENT => ServiceError::NotFound { path: path_s },
+        Errno::NOTDIR => ServiceError::NotADirectory { path: path_s },
+        Errno::ACCESS | Errno::PERM => ServiceError::PermissionDenied { path: path_s },
+        Errno::XDEV => ServiceError::MountsBelow {
+            path: path_s.clone(),
+            mountpoint: path_s,
+        },
+        Errno::NAMETOOLONG => ServiceError::InvalidPath {
+            path: path_s,
+            reason: "too long".into(),
+        },
+        e => sys_err("open", path, e),
+    }
+}
+
+fn io_err(op: &str, e: std::io::Error) -> ServiceError {
+    ServiceError::system(op, e.raw_os_error().unwrap_or(libc::EIO))
+}
+
+fn check_fs(fd: &OwnedFd, path: &Path) -> Result<(), ServiceError> {
+    let magic = sys::fs_magic(fd).map_err(|e| sys_err("statfs", path, e))?;
+    match REFUSED_FS.iter().find(|(m, _)| *m == magic) {
+        Some((_, name)) => Err(ServiceError::UnsupportedFilesystem {
+            path: display(path),
+            filesystem: (*name).to_string(),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// A target, resolved and checked as the caller.
+struct Resolved {
+    parent: OwnedFd,
+    fd: OwnedFd,
+    stat: rustix::fs::Stat,
+}
+
+/// Rules 1, 2 and 6 for a target: a directory owned by the caller, reached without any symlink,
+/// on an ordinary file system, with nothing mounted on or beneath it.
+fn resolve_target(creds: &FsCreds, target: &Path) -> Result<Resolved, ServiceError> {
+    let (Some(parent_path), Some(name)) = (target.parent(), target.file_name()) else {
+        return Err(ServiceError::InvalidPath {
+            path: display(target),
+            reason: "no parent".into(),
+        });
+    };
+    let parent = sys::open_dir(
+        sys::at_fdcwd(),
+        parent_path,
+        rustix::fs::ResolveFlags::empty(),
+    )
+    .map_err(|e| lookup_err(target, e))?;
+    let fd = sys::open_child_dir(&parent, name).map_err(|e| lookup_err(target, e))?;
+    let stat = sys::fstat(&fd).map_err(|e| sys_err("stat", target, e))?;
+    if !sys::is_dir(&stat) {
+        return Err(ServiceError::NotADirectory {
+            path: display(target),
+        });
+    }
+    if stat.st_uid != creds.uid {
+        return Err(ServiceError::NotOwner {
+            path: display(target),
+        });
+    }
+    check_fs(&fd, target)?;
+    let (_, is_root) = sys::mount_of(&fd).map_err(|e| sys_err("statx", target, e))?;
+    if is_root {
+        return Err(ServiceError::MountsBelow {
+            path: display(target),
+            mountpoint: display(target),
+        });
+    }
+    let mounts = sys::mountinfo().map_err(|e| io_err("read mountinfo", e))?;
+    if let Some(m) = mounts.iter().find(|m| m.mount_point.starts_with(target)) {
+        return Err(ServiceError::MountsBelow {
+            path: display(target),
+            mountpoint: display(&m.mount_point),
+        });
+    }
+    Ok(Resolved { parent, fd, stat })
+}
+
+/// The caller can list and enter `fd` (R_OK|X_OK with the caller's identity).
+fn check_readable(fd: &OwnedFd, path: &Path) -> Result<(), ServiceError> {
+    match rustix::fs::accessat(fd, ".", Access::READ_OK | Access::EXEC_OK, AtFlags::EACCESS) {
+        Ok(()) => Ok(()),
+        Err(Errno::ACCESS) | Err(Errno::PERM) => Err(ServiceError::LowerNotReadable {
+            path: display(path),
+        }),
+        Err(e) => Err(sys_err("access", path, e)),
+    }
+}
+
+fn is_zram(dev: u64) -> bool {
+    let (maj, min) = (rustix::fs::major(dev), rustix::fs::minor(dev));
+    std::fs::read_link(format!("/sys/dev/block/{maj}:{min}"))
+        .ok()
+        .and_then(|p| {
+            p.file_name()
+                .map(|n| n.to_string_lossy().starts_with("zram"))
+        })
+        .unwrap_or(false)
+}
+
+fn prepare_area(creds: &FsCreds, user: &str, volatile: &Path) -> Result<AreaRecord, ServiceError> {
+    let rejected = |reason: String| ServiceError::VolatileRejected {
+        path: display(volatile),
+        reason,
+    };
+    let vol = sys::open_dir(sys::at_fdcwd(), volatile, rustix::fs::ResolveFlags::empty())
+        .map_err(|e| lookup_err(volatile, e))?;
+    let st = sys::fstat(&vol).map_err(|e| sys_err("stat", volatile, e))?;
+    let magic = sys::fs_magic(&vol).map_err(|e| sys_err("statfs", volatile, e))?;
+    #[allow(clippy::unnecessary_cast)]
+    if magic != TMPFS_MAGIC && !is_zram(st.st_dev as u64) {
+        return Err(rejected(format!(
+            "not on tmpfs or zram (file system magic {magic:#x})"
+        )));
+    }
+    let sticky_public = st.st_uid == 0 && st.st_mode & 0o1000 != 0 && st.st_mode & 0o002 != 0;
+    if !sticky_public && st.st_uid != creds.uid {
+        return Err(rejected(
+            "must be root-owned, world-writable and sticky (like /dev/shm), or yours".into(),
+        ));
+    }
+    let name = paths::area_name(user);
+    let area_path = paths::area_of(volatile, user);
+    match rustix::fs::mkdirat(&vol, name.as_str(), FsMode::from_raw_mode(0o700)) {
+        Ok(()) | Err(Errno::EXIST) => {}
+        Err(e) => return Err(lookup_err(&area_path, e)),
+    }
+    let not_owned = |reason: &str| ServiceError::AreaNotOwned {
+        path: display(&area_path),
+        reason: reason.to_string(),
+    };
+    let area = match sys::open_child_dir(&vol, OsStr::new(&name)) {
+        Ok(fd) => fd,
+        Err(Errno::LOOP) => return Err(not_owned("is a symlink")),
+        Err(Errno::NOTDIR) => return Err(not_owned("is not a directory")),
+        Err(e) => return Err(lookup_err(&area_path, e)),
+    };
+    let st = sys::fstat(&area).map_err(|e| sys_err("stat", &area_path, e))?;
+    if st.st_uid != creds.uid {
+        return Err(not_owned(&format!(
+            "exists and is owned by uid {}, not by the caller",
+            st.st_uid
+        )));
+    }
+    Ok(AreaRecord {
+        volatile: volatile.to_path_buf(),
+        path: area_path,
+        dir: DirId::of(&st),
+    })
+}
+
+fn open_area(creds: &FsCreds, area: &AreaRecord) -> Result<OwnedFd, ServiceError> {
+    let vol = sys::open_dir(
+        sys::at_fdcwd(),
+        &area.volatile,
+        rustix::fs::ResolveFlags::empty(),
+    )
+    .map_err(|e| match e {
+        Errno::NOENT => ServiceError::AreaNotPrepared {},
+        e => lookup_err(&area.volatile, e),
+    })?;
+    let name = area.path.file_name().unwrap_or_default();
+    let changed = |reason: &str| ServiceError::AreaNotOwned {
+        path: display(&area.path),
+        reason: reason.to_string(),
+    };
+    let fd = match sys::open_child_dir(&vol, name) {
+        Ok(fd) => fd,
+        Err(Errno::NOENT) => return Err(ServiceError::AreaNotPrepared {}),
+        Err(Errno::LOOP) => return Err(changed("is a symlink")),
+        Err(e) => return Err(lookup_err(&area.path, e)),
+    };
+    let st = sys::fstat(&fd).map_err(|e| sys_err("stat", &area.path, e))?;
+    if st.st_uid != creds.uid {
+        return Err(changed("not owned by the caller"));
+    }
+    if DirId::of(&st) != area.dir {
+        return Err(changed(
+            "replaced since PrepareArea; call PrepareArea again",
+        ));
+    }
+    Ok(fd)
+}
+
+/// Walks `rel` below the area, one component at a time, never following a symlink or entering a
+/// mount point; each component must be a directory owned by the caller. With `create`, missing
+/// components are created (0700, by the caller's identity). With `last_may_be_mount`, the last
+/// component may be a mount root (the overlay's merged dir).
+fn open_beneath(
+    creds: &FsCreds,
+    area_fd: &OwnedFd,
+    area_path: &Path,
+    rel: &[std::ffi::OsString],
+    create: bool,
+    last_may_be_mount: bool,
+) -> Result<OwnedFd, ServiceError> {
+    let mut cur = area_fd.try_clone().map_err(|e| io_err("dup", e))?;
+    let mut path = area_path.to_path_buf();
+    for (i, comp) in rel.iter().enumerate() {
+        path.push(comp);
+        let last = i + 1 == rel.len();
+        if create {
+            match rustix::fs::mkdirat(&cur, comp.as_os_str(), FsMode::from_raw_mode(0o700)) {
+                Ok(()) | Err(Errno::EXIST) => {}
+                Err(e) => return Err(lookup_err(&path, e)),
+            }
+        }
+        let not_owned = |reason: &str| ServiceError::AreaNotOwned {
+            path: display(&path),
+            reason: reason.to_string(),
+        };
+        let next = match sys::open_child_dir(&cur, comp) {
+            Ok(fd) => fd,
+            Err(Errno::LOOP) => return Err(not_owned("is a symlink")),
+            Err(Errno::NOTDIR) => return Err(not_owned("is not a directory")),
+            Err(e) => return Err(lookup_err(&path, e)),
+        };
+        let st = sys::fstat(&next).map_err(|e| sys_err("stat", &path, e))?;
+        if st.st_uid != creds.uid {
+            return Err(not_owned("not owned by the caller"));
+        }
+        let (_, is_root) = sys::mount_of(&next).map_err(|e| sys_err("statx", &path, e))?;
+        if is_root && !(last && last_may_be_mount) {
+            return Err(not_owned("is a mount point"));
+        }
+        cur = next;
+    }
+    Ok(cur)
+}
+
+/// The recorded mount at `path`, opened, if it is still there (`Ok(None)`: it is gone).
+fn find_mount(path: &Path, mid: MountId) -> Result<Option<OwnedFd>, ServiceError> {
+    if let Ok(fd) = sys::open_dir(sys::at_fdcwd(), path, rustix::fs::ResolveFlags::empty()) {
+        if let Ok((m, true)) = sys::mount_of(&fd) {
+            if m.unique == mid.unique {
+                return Ok(Some(fd));
+            }
+        }
+    }
+    // Not at its path (a parent was renamed?): look it up by id.
+    let mounts = sys::mountinfo().map_err(|e| io_err("read mountinfo", e))?;
+    let Some(info) = mounts.iter().find(|m| m.id == mid.id) else {
+        return Ok(None);
+    };
+    let fd = sys::open_dir(
+        sys::at_fdcwd(),
+        &info.mount_point,
+        rustix::fs::ResolveFlags::empty(),
+    )
+    .map_err(|e| ServiceError::WrongState {
+        target: display(path),
+        reason: format!(
+            "the mount moved to {} and cannot be reached ({e})",
+            display(&info.mount_point)
+        ),
+    })?;
+    match sys::mount_of(&fd) {
+        Ok((m, true)) if m.unique == mid.unique => Ok(Some(fd)),
+        // The classic id was reused by another mount: ours is gone.
+        Ok((m, _)) if m.id == mid.id => Ok(None),
+        Ok(_) => Err(ServiceError::WrongState {
+            target: display(path),
+            reason: format!(
+                "something else is mounted on top of it at {}; unmount that first",
+                display(&info.mount_point)
+            ),
+        }),
+        Err(e) => Err(sys_err("statx", path, e)),
+    }
+}
+
+/// The id of a mount just attached; if it cannot be read, the mount is taken down again (an
+/// unrecorded mount must not stay behind).
+fn attached_id(tree: OwnedFd, path: &Path) -> Result<MountId, ServiceError> {
+    match sys::mount_of(&tree) {
+        Ok((mid, _)) => Ok(mid),
+        Err(e) => {
+            let _ = sys::detach_fd(tree);
+            Err(sys_err("statx", path, e))
+        }
+    }
+}
+
+fn mount_err(path: &Path) -> impl Fn((&'static str, Errno)) -> ServiceError + '_ {
+    move |(op, e)| sys_err(op, path, e)
+}
+
+/// Creates the backup dir in the target's parent, owned by the caller with the target's mode.
+/// Returns an `O_PATH` descriptor of it and its identity.
+fn create_backup(
+    creds: &FsCreds,
+    parent: &OwnedFd,
+    name: &OsStr,
+    backup: &Path,
+    target_stat: &rustix::fs::Stat,
+) -> Result<(OwnedFd, DirId), ServiceError> {
+    let mode = FsMode::from_raw_mode(target_stat.st_mode & 0o3777);
+    let make = |as_root: bool| -> Result<DirId, ServiceError> {
+        rustix::fs::mkdirat(parent, name, FsMode::from_raw_mode(0o700)).map_err(|e| match e {
+            Errno::EXIST => ServiceError::BackupInUse {
+                path: display(backup),
+                reason: "appeared while it was being created".into(),
+            },
+            e => lookup_err(backup, e),
+        })?;
+        let fd = sys::open_dir_read(parent, name).map_err(|e| lookup_err(backup, e))?;
+        rustix::fs::fchmod(&fd, mode).map_err(|e| sys_err("chmod", backup, e))?;
+        if as_root {
+            rustix::fs::fchown(
+                &fd,
+                Some(rustix::fs::Uid::from_raw(creds.uid)),
+                Some(rustix::fs::Gid::from_raw(target_stat.st_gid)),
+            )
+            .map_err(|e| sys_err("chown", backup, e))?;
+        } else {
+            // Best effort: the target's group, if the caller may set it.
+            let _ = rustix::fs::fchown(
+                &fd,
+                None,
+                Some(rustix::fs::Gid::from_raw(target_stat.st_gid)),
+            );
+        }
+        let st = sys::fstat(&fd).map_err(|e| sys_err("stat", backup, e))?;
+        Ok(DirId::of(&st))
+    };
+    let id = match make(false) {
+        Ok(id) => id,
+        // The caller may not write the parent (a target outside home, authorized by polkit):
+        // root creates it and hands it to the caller.
+        Err(ServiceError::PermissionDenied { .. }) => creds
+            .as_root(|| make(true))
+            .map_err(|e| io_err("switch identity", e))??,
+        Err(e) => return Err(e),
+    };
+    let fd = sys::open_child_dir(parent, name).map_err(|e| lookup_err(backup, e))?;
+    let st = sys::fstat(&fd).map_err(|e| sys_err("stat", backup, e))?;
+    if DirId::of(&st) != id || st.st_uid != creds.uid {
+        return Err(ServiceError::BackupInUse {
+            path: display(backup),
+            reason: "replaced while it was being created".into(),
+        });
+    }
+    Ok((fd, id))
+}
+
+/// Checks an existing backup path: an empty, non-mounted directory owned by the caller.
+fn check_existing_backup(
+    creds: &FsCreds,
+    parent: &OwnedFd,
+    name: &OsStr,
+    backup: &Path,
+) -> Result<Option<OwnedFd>, ServiceError> {
+    let in_use = |reason: &str| ServiceError::BackupInUse {
+        path: display(backup),
+        reason: reason.to_string(),
+    };
+    let fd = match sys::open_child_dir(parent, name) {
+        Ok(fd) => fd,
+        Err(Errno::NOENT) => return Ok(None),
+        Err(Errno::LOOP) => return Err(in_use("is a symlink")),
+        Err(Errno::NOTDIR) => return Err(in_use("is not a directory")),
+        Err(e) => return Err(lookup_err(backup, e)),
+    };
+    let st = sys::fstat(&fd).map_err(|e| sys_err("stat", backup, e))?;
+    if st.st_uid != creds.uid {
+        return Err(in_use("exists and is not owned by the caller"));
+    }
+    let (_, is_root) = sys::mount_of(&fd).map_err(|e| sys_err("statx", backup, e))?;
+    if is_root {
+        return Err(in_use("is a mount point"));
+    }
+    let rd = sys::open_dir_read(parent, name).map_err(|e| lookup_err(backup, e))?;
+    if !sys::dir_is_empty(rd).map_err(|e| sys_err("read", backup, e))? {
+        return Err(in_use(
+            "exists and is not empty (recover or remove it first)",
+        ));
+    }
+    Ok(Some(fd))
+}
+
+struct BackupPlan {
+    resolved: Resolved,
+    existing: Option<OwnedFd>,
+}
+
+/// Opens the recorded backup mount of a target (the overlay's lower layer).
+fn open_backup(rec: &MountRecord) -> Result<OwnedFd, ServiceError> {
+    let mid = rec.backup_mount.ok_or_else(|| ServiceError::WrongState {
+        target: display(&rec.target),
+        reason: "the backup is not mounted".into(),
+    })?;
+    let fd = sys::open_dir(
+        sys::at_fdcwd(),
+        &rec.backup,
+        rustix::fs::ResolveFlags::empty(),
+    )
+    .map_err(|e| lookup_err(&rec.backup, e))?;
+    match sys::mount_of(&fd) {
+        Ok((m, true)) if m.unique == mid.unique => Ok(fd),
+        Ok(_) => Err(ServiceError::WrongState {
+            target: display(&rec.target),
+            reason: format!(
+                "{} is not the backup mount the helper made",
+                display(&rec.backup)
+            ),
+        }),
+        Err(e) => Err(sys_err("statx", &rec.backup, e)),
+    }
+}
+
+/// What Detach did, step by step (kept even when a later step fails).
+#[derive(Default)]
+struct DetachOutcome {
+    cover_gone: bool,
+    overlay_gone: bool,
+    backup_gone: bool,
+    backup_dir_gone: bool,
+    unmounted: Vec<String>,
+    removed: Vec<String>,
+    error: Option<ServiceError>,
+}
+
+fn detach(creds: &FsCreds, rec: &MountRecord) -> DetachOutcome {
+    let mut out = DetachOutcome::default();
+    let layers: [(Option<MountId>, &Path); 3] = [
+        (rec.cover_mount, &rec.target),
+        (rec.overlay_mount, &rec.volatile),
+        (rec.backup_mount, &rec.backup),
+    ];
+    for (i, (mid, path)) in layers.into_iter().enumerate() {
+        let gone = match mid {
+            None => true,
+            Some(mid) => match find_mount(path, mid) {
+                Ok(None) => true,
+                Ok(Some(fd)) => match creds.as_root(|| sys::detach_fd(fd)) {
+                    Ok(Ok(())) => {
+                        out.unmounted.push(display(path));
+                        true
+                    }
+                    Ok(Err(e)) => {
+                        out.error = Some(sys_err("umount", path, e));
+                        false
+                    }
+                    Err(e) => {
+                        out.error = Some(io_err("switch identity", e));
+                        false
+                    }
+                },
+                Err(e) => {
+                    out.error = Some(e);
+                    false
+                }
+            },
+        };
+        if !gone {
+            return out;
+        }
+        match i {
+            0 => out.cover_gone = true,
+            1 => out.overlay_gone = true,
+            _ => out.backup_gone = true,
+        }
+    }
+    // Remove the backup dir the helper created, if it is still that dir and empty.
+    let Some(created) = rec.backup_created else {
+        out.backup_dir_gone = true;
+        return out;
+    };
+    let (Some(parent_path), Some(name)) = (rec.backup.parent(), rec.backup.file_name()) else {
+        out.backup_dir_gone = true;
+        return out;
+    };
+    let Ok(parent) = sys::open_dir(
+        sys::at_fdcwd(),
+        parent_path,
+        rustix::fs::ResolveFlags::empty(),
+    ) else {
+        out.backup_dir_gone = true;
+        return out;
+    };
+    let same = sys::open_child_dir(&parent, name)
+        .ok()
+        .and_then(|fd| sys::fstat(&fd).ok())
+        .is_some_and(|st| DirId::of(&st) == created);
+    if same {
+        let rmdir = || rustix::fs::unlinkat(&parent, name, AtFlags::REMOVEDIR);
+        let r = match rmdir() {
+            Err(Errno::ACCESS) | Err(Errno::PERM) => {
+                creds.as_root(rmdir).unwrap_or(Err(Errno::PERM))
+            }
+            r => r,
+        };
+        if r.is_ok() {
+            out.removed.push(display(&rec.backup));
+        }
+    }
+    out.backup_dir_gone = true;
+    out
+}
+
+/// A copy of `m` with only the given layer (for a rollback).
+fn only_layer(m: &MountRecord, cover: Option<MountId>, overlay: Option<MountId>) -> MountRecord {
+    MountRecord {
+        cover_mount: cover,
+        overlay_mount: overlay,
+        backup_mount: None,
+        backup_created: None,
+        ..m.clone()
+    }
+}
+
+/// Takes down a mount that could not be recorded.
+async fn rollback(creds: &FsCreds, m: MountRecord) {
+    let target = m.target.clone();
+    match creds.run(move |c| detach(c, &m)).await {
+        Ok(out) if out.error.is_none() => {}
+        _ => tracing::error!(target = %target.display(), "could not roll back an unrecorded mount"),
+    }
+}
+
+fn entry(rec: &MountRecord) -> MountEntry {
+    MountEntry {
+        target: display(&rec.target),
+        mode: rec.mode,
+        backup: display(&rec.backup),
+        volatile: display(&rec.volatile),
+        upper: rec.upper.as_deref().map(display),
+        work: rec.work.as_deref().map(display),
+        backup_mounted: rec.backup_mount.is_some(),
+        overlay_mounted: rec.overlay_mount.is_some(),
+        covered: rec.cover_mount.is_some(),
+    }
+}
+
+/// Refuses a target that is, contains or lies inside another recorded target or the area.
+fn check_overlaps(rec: &UserRecord, target: &Path) -> Result<(), ServiceError> {
+    for m in &rec.mounts {
+        if m.target == target {
+            return Err(ServiceError::AlreadyMounted {
+                target: display(target),
+            });
+        }
+        if paths::is_within(target, &m.target)
+            || paths::is_within(&m.target, target)
+            || paths::is_within(target, &m.volatile)
+        {
+            return Err(ServiceError::Overlaps {
+                target: display(target),
+                other: display(&m.target),
+            });
+        }
+    }
+    if let Some(area) = &rec.area {
+        if paths::is_within(target, &area.path) || paths::is_within(&area.path, target) {
+            return Err(ServiceError::Overlaps {
+                target: display(target),
+                other: display(&area.path),
+            });
+        }
+    }
+    Ok(())
+}
+
+impl Ctx {
+    pub fn new(store: Store) -> Ctx {
+        Ctx {
+            store,
+            locks: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn lock_for(&self, uid: u32) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = match self.locks.lock() {
+            Ok(l) => l,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        locks.entry(uid).or_default().clone()
+    }
+
+    fn load(&self, uid: u32) -> Result<UserRecord, ServiceError> {
+        self.store.load(uid).map_err(|e| io_err("read record", e))
+    }
+
+    fn save(&self, rec: &UserRecord) -> Result<(), ServiceError> {
+        self.store.save(rec).map_err(|e| io_err("write record", e))
+    }
+
+    /// Handles one call for `peer`. Calls of one uid are serialized (their record is shared).
+    pub async fn handle(&self, peer: &Peer, method: Method) -> Reply {
+        match method {
+            Method::GetInfo => Ok(to_parameters(&Info {
+                vendor: "asd".into(),
+                product: "asd-helper".into(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                url: "https://example.invalid/asd".into(),
+                interfaces: vec![
+                    asd_protocol::SERVICE_INTERFACE.into(),
+                    asd_protocol::HELPER_INTERFACE.into(),
+                ],
+            })),
+            Method::GetInterfaceDescription { interface } => {
+                match asd_protocol::interface_description(&interface) {
+                    Some(d) => {
+                        let mut m = Map::new();
+                        m.insert("description".into(), Value::String(d.to_string()));
+                        Ok(m)
+                    }
+                    None => Err(ServiceError::InterfaceNotFound { interface }),
+                }
+            }
+            other => {
+                let user = peer
+                    .user
+                    .clone()
+                    .ok_or_else(|| ServiceError::NotAuthorized {
+                        action: String::new(),
+                        target: other.subject().unwrap_or_default().to_string(),
+                        reason: format!("uid {} has no passwd entry", peer.uid),
+                    })?;
+                if user.is_empty() || user.contains('/') || user == "." || user == ".." {
+                    return Err(ServiceError::NotAuthorized {
+                        action: String::new(),
+                        target: String::new(),
+                        reason: "unusable user name".into(),
+                    });
+                }
+                let lock = self.lock_for(peer.uid);
+                let _guard = lock.lock().await;
+                let mut rec = self.load(peer.uid)?;
+                rec.user = user.clone();
+                self.dispatch(peer, &user, &mut rec, other).await
+            }
+        }
+    }
+
+    async fn dispatch(&self, peer: &Peer, user: &str, rec: &mut UserRecord, m: Method) -> Reply {
+        let creds = peer.creds();
+        let worker = |e: std::io::Error| io_err("worker thread", e);
+        match m {
+            Method::PrepareArea { volatile } => {
+                let volatile = paths::normalized(&volatile)?;
+                if let Some(old) = &rec.area {
+                    if old.volatile != volatile && !rec.mounts.is_empty() {
+                        return Err(ServiceError::WrongState {
+                            target: display(&volatile),
+                            reason: format!(
+                                "mounts are recorded in the area under {}; detach them first",
+                                display(&old.volatile)
+                            ),
+                        });
+                    }
+                }
+                let u = user.to_string();
+                let vol = volatile.clone();
+                let area = creds
+                    .run(move |c| prepare_area(c, &u, &vol))
+                    .await
+                    .map_err(worker)??;
+                let reply = AreaReply {
+                    area: display(&area.path),
+                };
+                rec.area = Some(area);
+                self.save(rec)?;
+                Ok(to_parameters(&reply))
+            }
+            Method::BindBackup { target, mode } => {
+                let target = paths::normalized(&target)?;
+                let area = rec.area.clone().ok_or(ServiceError::AreaNotPrepared {})?;
+                check_overlaps(rec, &target)?;
+                if rec.mounts.len() >= MAX_TARGETS_PER_UID {
+                    return Err(ServiceError::TooManyTargets {
+                        limit: MAX_TARGETS_PER_UID as u64,
+                    });
+                }
+                let backup =
+                    paths::backup_of(&target).ok_or_else(|| ServiceError::InvalidPath {
+                        path: display(&target),
+                        reason: "no parent".into(),
+                    })?;
+                let bname = paths::backup_name(&target).unwrap_or_default();
+                // 1. Check, as the caller.
+                let (t, b, n) = (target.clone(), backup.clone(), bname.clone());
+                let plan = creds
+                    .run(move |c| -> Result<BackupPlan, ServiceError> {
+                        let resolved = resolve_target(c, &t)?;
+                        if mode == Mode::Overlay {
+                            check_readable(&resolved.fd, &t)?;
+                        }
+                        let existing = check_existing_backup(c, &resolved.parent, &n, &b)?;
+                        Ok(BackupPlan { resolved, existing })
+                    })
+                    .await
+                    .map_err(worker)??;
+                // 2. Ask polkit.
+                let grant = polkit::authorize(peer, &target).await?;
+                tracing::debug!(uid = peer.uid, target = %target.display(), ?grant, "authorized");
+                // 3. Mount through the descriptors opened in step 1.
+                let (b, n) = (backup.clone(), bname.clone());
+                let (mid, created, target_dir) = creds
+                    .run(
+                        move |c| -> Result<(MountId, Option<DirId>, DirId), ServiceError> {
+                            let BackupPlan { resolved, existing } = plan;
+                            let (backup_fd, created) = match existing {
+                                Some(fd) => (fd, None),
+                                None => {
+                                    let (fd, id) =
+                                        create_backup(c, &resolved.parent, &n, &b, &resolved.stat)?;
+                                    (fd, Some(id))
+                                }
+                            };
+                            let tree =
+                                sys::bind_fd(&resolved.fd, &backup_fd).map_err(mount_err(&b));
+                            let tree = match tree {
+                                Ok(t) => t,
+                                Err(e) => {
+                                    if created.is_some() {
+                                        let _ = rustix::fs::unlinkat(
+                                            &resolved.parent,
+                                            &n,
+                                            AtFlags::REMOVEDIR,
+                                        );
+                                    }
+                                    return Err(e);
+                                }
+                            };
+                            let mid = attached_id(tree, &b)?;
+                            Ok((mid, created, DirId::of(&resolved.stat)))
+                        },
+                    )
+                    .await
+                    .map_err(worker)??;
+                let a = AreaPaths::new(&target);
+                let overlay = mode == Mode::Overlay;
+                rec.mounts.push(MountRecord {
+                    target: target.clone(),
+                    mode,
+                    target_dir,
+                    backup: backup.clone(),
+                    backup_created: created,
+                    backup_mount: Some(mid),
+                    volatile: AreaPaths::join(&area.path, &a.volatile),
+                    upper: overlay.then(|| AreaPaths::join(&area.path, &a.upper)),
+                    work: overlay.then(|| AreaPaths::join(&area.path, &a.work)),
+                    overlay_mount: None,
+                    cover_mount: None,
+                });
+                if let Err(e) = self.save(rec) {
+                    if let Some(m) = rec.mounts.pop() {
+                        rollback(&creds, m).await;
+                    }
+                    return Err(e);
+                }
+                Ok(to_parameters(&BackupReply {
+                    backup: display(&backup),
+                }))
+            }
+            Method::MountOverlay { target } => {
+                let target = paths::normalized(&target)?;
+                let area = rec.area.clone().ok_or(ServiceError::AreaNotPrepared {})?;
+                let m = rec
+                    .find(&target)
+                    .cloned()
+                    .ok_or_else(|| ServiceError::NotMounted {
+                        target: display(&target),
+                    })?;
+                let wrong = |reason: &str| ServiceError::WrongState {
+                    target: display(&target),
+                    reason: reason.to_string(),
+                };
+                if m.mode != Mode::Overlay {
+                    return Err(wrong("recorded in copy mode"));
+                }
+                if m.overlay_mount.is_some() {
+                    return Err(wrong("the overlay is already mounted"));
+                }
+                if m.cover_mount.is_some() {
+                    return Err(wrong("already covered"));
+                }
+                let m2 = m.clone();
+                let mid = creds
+                    .run(move |c| -> Result<MountId, ServiceError> {
+                        let lower = open_backup(&m2)?;
+                        check_readable(&lower, &m2.backup)?;
+                        let area_fd = open_area(c, &area)?;
+                        let a = AreaPaths::new(&m2.target);
+                        let upper_path = AreaPaths::join(&area.path, &a.upper);
+                        let upper_is_new = !upper_path.exists();
+                        let upper = open_beneath(c, &area_fd, &area.path, &a.upper, true, false)?;
+                        if upper_is_new {
+                            // The overlay's root takes the upper dir's mode: give it the target's.
+                            let mode = sys::fstat(&lower)
+                                .map_err(|e| sys_err("stat", &m2.backup, e))?
+                                .st_mode
+                                & 0o1777;
+                            let (Some(parent), Some(name)) =
+                                (a.upper.split_last().map(|(_, p)| p), a.upper.last())
+                            else {
+                                return Err(ServiceError::system("upper path", libc::EINVAL));
+                            };
+                            let parent =
+                                open_beneath(c, &area_fd, &area.path, parent, false, false)?;
+                            let rd = sys::open_dir_read(&parent, name)
+                                .map_err(|e| lookup_err(&upper_path, e))?;
+                            rustix::fs::fchmod(&rd, FsMode::from_raw_mode(mode))
+                                .map_err(|e| sys_err("chmod", &upper_path, e))?;
+                        }
+                        let work = open_beneath(c, &area_fd, &area.path, &a.work, true, false)?;
+                        let merged =
+                            open_beneath(c, &area_fd, &area.path, &a.volatile, true, false)?;
+                        let mnt = sys::mount_overlay(&lower, &upper, &work, &merged)
+                            .map_err(mount_err(&m2.volatile))?;
+                        attached_id(mnt, &m2.volatile)
+                    })
+                    .await
+                    .map_err(worker)??;
+                if let Some(r) = rec.find_mut(&target) {
+                    r.overlay_mount = Some(mid);
+                }
+                if let Err(e) = self.save(rec) {
+                    rollback(&creds, only_layer(&m, None, Some(mid))).await;
+                    return Err(e);
+                }
+                Ok(to_parameters(&OverlayReply {
+                    volatile: display(&m.volatile),
+                    upper: m.upper.as_deref().map(display).unwrap_or_default(),
+                    work: m.work.as_deref().map(display).unwrap_or_default(),
+                }))
+            }
+            Method::Cover { target, mode } => {
+                let target = paths::normalized(&target)?;
+                let area = rec.area.clone().ok_or(ServiceError::AreaNotPrepared {})?;
+                let m = rec
+                    .find(&target)
+                    .cloned()
+                    .ok_or_else(|| ServiceError::NotMounted {
+                        target: display(&target),
+                    })?;
+                let wrong = |reason: String| ServiceError::WrongState {
+                    target: display(&target),
+                    reason,
+                };
+                if m.mode != mode {
+                    return Err(wrong(format!("recorded in {} mode", m.mode)));
+                }
+                if m.cover_mount.is_some() {
+                    return Err(wrong("already covered".into()));
+                }
+                if m.backup_mount.is_none() {
+                    return Err(wrong("the backup is not mounted".into()));
+                }
+                if mode == Mode::Overlay && m.overlay_mount.is_none() {
+                    return Err(wrong(
+                        "the overlay is not mounted (call MountOverlay)".into(),
+                    ));
+                }
+                let m2 = m.clone();
+                let mid = creds
+                    .run(move |c| -> Result<MountId, ServiceError> {
+                        let resolved = resolve_target(c, &m2.target)?;
+                        if DirId::of(&resolved.stat) != m2.target_dir {
+                            return Err(ServiceError::WrongState {
+                                target: display(&m2.target),
+                                reason: "the target was replaced since BindBackup".into(),
+                            });
+                        }
+                        let area_fd = open_area(c, &area)?;
+                        let a = AreaPaths::new(&m2.target);
+                        let source = match m2.mode {
+                            Mode::Copy => {
+                                open_beneath(c, &area_fd, &area.path, &a.volatile, false, false)?
+                            }
+                            Mode::Overlay => {
+                                let fd = open_beneath(
+                                    c,
+                                    &area_fd,
+                                    &area.path,
+                                    &a.volatile,
+                                    false,
+                                    true,
+                                )?;
+                                let ok = matches!(
+                                    (sys::mount_of(&fd), m2.overlay_mount),
+                                    (Ok((cur, true)), Some(want)) if cur.unique == want.unique
+                                );
+                                if !ok {
+                                    return Err(ServiceError::WrongState {
+                                        target: display(&m2.target),
+                                        reason: "the overlay is not mounted where it was".into(),
+                                    });
+                                }
+                                fd
+                            }
+                        };
+                        let tree =
+                            sys::bind_fd(&source, &resolved.fd).map_err(mount_err(&m2.target))?;
+                        attached_id(tree, &m2.target)
+                    })
+                    .await
+                    .map_err(worker)??;
+                if let Some(r) = rec.find_mut(&target) {
+                    r.cover_mount = Some(mid);
+                }
+                if let Err(e) = self.save(rec) {
+                    rollback(&creds, only_layer(&m, Some(mid), None)).await;
+                    return Err(e);
+                }
+                Ok(to_parameters(&CoverReply {
+                    volatile: display(&m.volatile),
+                }))
+            }
+            Method::Detach { target } => {
+                let target = paths::normalized(&target)?;
+                let m = rec
+                    .find(&target)
+                    .cloned()
+                    .ok_or_else(|| ServiceError::NotMounted {
+                        target: display(&target),
+                    })?;
+                let out = creds.run(move |c| detach(c, &m)).await.map_err(worker)?;
+                if let Some(r) = rec.find_mut(&target) {
+                    if out.cover_gone {
+                        r.cover_mount = None;
+                    }
+                    if out.overlay_gone {
+                        r.overlay_mount = None;
+                    }
+                    if out.backup_gone {
+                        r.backup_mount = None;
+                    }
+                }
+                if out.backup_dir_gone {
+                    rec.mounts.retain(|r| !(r.target == target && r.is_empty()));
+                }
+                self.save(rec)?;
+                if let Some(e) = out.error {
+                    return Err(e);
+                }
+                Ok(to_parameters(&DetachReply {
+                    unmounted: out.unmounted,
+                    removed: out.removed,
+                }))
+            }
+            Method::ListMounts => Ok(to_parameters(&MountList {
+                area: rec.area.as_ref().map(|a| display(&a.path)),
+                mounts: rec.mounts.iter().map(entry).collect(),
+            })),
+            Method::GetInfo | Method::GetInterfaceDescription { .. } => {
+                Err(ServiceError::MethodNotImplemented {
+                    method: m.full_name(),
+                })
+            }
+        }
+    }
+}

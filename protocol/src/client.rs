@@ -1,0 +1,218 @@
+//! A small blocking client, for the asd manager (which has no async runtime) and for tools.
+//!
+//! ```no_run
+//! use asd_protocol::client::Client;
+//! use asd_protocol::{Method, Mode};
+//! let mut c = Client::connect_default()?;
+//! let backup = c.bind_backup("/home/alice/.cache".as_ref(), Mode::Copy)?;
+//! let raw = c.call(Method::ListMounts)?; // the reply's parameters, as JSON
+//! # Ok::<(), asd_protocol::client::ClientError>(())
+//! ```
+
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value};
+use thiserror::Error;
+
+use crate::error::ServiceError;
+use crate::frame::{encode, FrameDecoder, FrameError};
+use crate::message::{Call, Reply};
+use crate::method::{
+    AreaReply, BackupReply, CoverReply, DetachReply, Info, InterfaceDescription, Method, Mode,
+    MountList, OverlayReply,
+};
+
+/// Largest reply the client accepts (replies are small; a list of mounts is the biggest).
+pub const MAX_REPLY: usize = 4 * 1024 * 1024;
+
+/// Default time the client waits for a reply.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Error)]
+pub enum ClientError {
+    #[error("cannot connect to the asd helper at {path}: {source}")]
+    Connect { path: PathBuf, source: io::Error },
+    #[error("talking to the asd helper: {0}")]
+    Io(#[from] io::Error),
+    #[error("the asd helper sent a malformed reply: {0}")]
+    Protocol(String),
+    #[error("the asd helper refused: {0}")]
+    Service(#[from] ServiceError),
+    #[error("path is not valid UTF-8, so it cannot be sent: {0:?}")]
+    NonUtf8Path(PathBuf),
+}
+
+impl ClientError {
+    /// The helper's error, if the helper answered with one.
+    pub fn service(&self) -> Option<&ServiceError> {
+        match self {
+            ClientError::Service(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<FrameError> for ClientError {
+    fn from(e: FrameError) -> ClientError {
+        ClientError::Protocol(e.to_string())
+    }
+}
+
+/// One connection to the helper. Calls are answered in order; the connection can be reused.
+#[derive(Debug)]
+pub struct Client {
+    stream: UnixStream,
+    decoder: FrameDecoder,
+}
+
+fn path_str(p: &Path) -> Result<String, ClientError> {
+    p.to_str()
+        .map(str::to_string)
+        .ok_or_else(|| ClientError::NonUtf8Path(p.to_path_buf()))
+}
+
+fn decode<T: DeserializeOwned>(params: Map<String, Value>) -> Result<T, ClientError> {
+    serde_json::from_value(Value::Object(params)).map_err(|e| ClientError::Protocol(e.to_string()))
+}
+
+impl Client {
+    /// Connects to the helper's socket at `path`.
+    pub fn connect(path: impl AsRef<Path>) -> Result<Client, ClientError> {
+        let path = path.as_ref();
+        let stream = UnixStream::connect(path).map_err(|source| ClientError::Connect {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Client::from_stream(stream)
+    }
+
+    /// Connects to `$ASD_HELPER_SOCKET`, or to the default socket.
+    pub fn connect_default() -> Result<Client, ClientError> {
+        Client::connect(crate::socket_path())
+    }
+
+    /// Wraps an already connected stream.
+    pub fn from_stream(stream: UnixStream) -> Result<Client, ClientError> {
+        stream.set_read_timeout(Some(DEFAULT_TIMEOUT))?;
+        stream.set_write_timeout(Some(DEFAULT_TIMEOUT))?;
+        Ok(Client {
+            stream,
+            decoder: FrameDecoder::new(MAX_REPLY),
+        })
+    }
+
+    /// How long to wait for a reply (and for a write); `None` waits forever.
+    pub fn set_timeout(&self, timeout: Option<Duration>) -> Result<(), ClientError> {
+        self.stream.set_read_timeout(timeout)?;
+        self.stream.set_write_timeout(timeout)?;
+        Ok(())
+    }
+
+    fn read_reply(&mut self) -> Result<Reply, ClientError> {
+        let mut buf = [0u8; 8192];
+        loop {
+            if let Some(frame) = self.decoder.next_frame()? {
+                return Reply::parse(&frame).map_err(|e| ClientError::Protocol(e.to_string()));
+            }
+            let n = match self.stream.read(&mut buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e.into()),
+            };
+            if n == 0 {
+                self.decoder.finish()?;
+                return Err(ClientError::Io(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the helper closed the connection without a reply",
+                )));
+            }
+            self.decoder.feed(&buf[..n]);
+        }
+    }
+
+    /// Sends any call and returns the raw reply (error replies included, not turned into `Err`).
+    pub fn call_raw(&mut self, call: &Call) -> Result<Reply, ClientError> {
+        self.stream.write_all(&encode(&call.to_json()))?;
+        if call.oneway {
+            return Ok(Reply::default());
+        }
+        self.read_reply()
+    }
+
+    /// Calls `method`; returns the reply's parameters, or the helper's error as
+    /// [`ClientError::Service`].
+    pub fn call(&mut self, method: Method) -> Result<Map<String, Value>, ClientError> {
+        let reply = self.call_raw(&method.to_call())?;
+        match reply.error {
+            Some(name) => Err(ServiceError::from_wire(&name, reply.parameters).into()),
+            None => Ok(reply.parameters),
+        }
+    }
+
+    /// Sends `method` as a `oneway` call: the helper does it and sends no reply.
+    pub fn call_oneway(&mut self, method: Method) -> Result<(), ClientError> {
+        let mut call = method.to_call();
+        call.oneway = true;
+        self.call_raw(&call).map(|_| ())
+    }
+
+    pub fn get_info(&mut self) -> Result<Info, ClientError> {
+        decode(self.call(Method::GetInfo)?)
+    }
+
+    pub fn get_interface_description(&mut self, interface: &str) -> Result<String, ClientError> {
+        let d: InterfaceDescription = decode(self.call(Method::GetInterfaceDescription {
+            interface: interface.to_string(),
+        })?)?;
+        Ok(d.description)
+    }
+
+    /// Prepares `$VOLATILE/asd-<user>`; returns its path.
+    pub fn prepare_area(&mut self, volatile: &Path) -> Result<PathBuf, ClientError> {
+        let r: AreaReply = decode(self.call(Method::PrepareArea {
+            volatile: path_str(volatile)?,
+        })?)?;
+        Ok(r.area.into())
+    }
+
+    /// Binds `target` onto its backup path; returns the backup path.
+    pub fn bind_backup(&mut self, target: &Path, mode: Mode) -> Result<PathBuf, ClientError> {
+        let r: BackupReply = decode(self.call(Method::BindBackup {
+            target: path_str(target)?,
+            mode,
+        })?)?;
+        Ok(r.backup.into())
+    }
+
+    /// Mounts the overlay for `target` (overlay mode).
+    pub fn mount_overlay(&mut self, target: &Path) -> Result<OverlayReply, ClientError> {
+        decode(self.call(Method::MountOverlay {
+            target: path_str(target)?,
+        })?)
+    }
+
+    /// Binds the volatile dir over `target`; returns the volatile dir.
+    pub fn cover(&mut self, target: &Path, mode: Mode) -> Result<PathBuf, ClientError> {
+        let r: CoverReply = decode(self.call(Method::Cover {
+            target: path_str(target)?,
+            mode,
+        })?)?;
+        Ok(r.volatile.into())
+    }
+
+    /// Unmounts everything recorded for `target` for this user.
+    pub fn detach(&mut self, target: &Path) -> Result<DetachReply, ClientError> {
+        decode(self.call(Method::Detach {
+            target: path_str(target)?,
+        })?)
+    }
+
+    /// The caller's area and mounts.
+    pub fn list_mounts(&mut self) -> Result<MountList, ClientError> {
+        decode(self.call(Method::ListMounts)?)
+    }
+}
