@@ -24,6 +24,13 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
+echo "== test users"
+# Created up front (idempotently) so parallel tests never race on useradd.
+for u in asdtest1 asdalice asdbob; do
+  id "$u" >/dev/null 2>&1 || useradd -m -s /bin/sh "$u"
+  mkdir -p "/home/$u" && chown "$u:" "/home/$u"
+done
+
 echo "== format and lint"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings

@@ -45,7 +45,33 @@ pub struct Preview {
     pub volatile: PathBuf,
     pub volatile_fs: Option<String>,
     pub resync_interval_secs: u64,
+    /// `systemctl [--user] is-active asd`: None when systemd cannot be asked.
+    pub service: Option<String>,
+    /// Per-user mode: whether the helper's socket answers.
+    pub helper_reachable: Option<bool>,
     pub targets: Vec<TargetView>,
+}
+
+/// What systemd says about asd.service (the user's or the system's), if it can be asked.
+fn service_state() -> Option<String> {
+    let mut cmd = std::process::Command::new("systemctl");
+    if !nix::unistd::geteuid().is_root() {
+        cmd.arg("--user");
+    }
+    let out = cmd
+        .args(["is-active", "asd.service"])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    let word = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    (!word.is_empty()).then_some(word)
+}
+
+fn helper_reachable() -> Option<bool> {
+    if nix::unistd::geteuid().is_root() {
+        return None;
+    }
+    Some(asd_protocol::client::Client::connect(asd_protocol::socket_path()).is_ok())
 }
 
 fn group_name(gid: u32) -> String {
@@ -136,6 +162,8 @@ pub fn build(config_file: &Path, cfg: &Config, state: Option<&State>) -> Preview
         volatile: cfg.volatile.clone(),
         volatile_fs: plan::volatile_kind(&cfg.volatile).ok().map(str::to_string),
         resync_interval_secs: cfg.resync_interval.as_secs(),
+        service: service_state(),
+        helper_reachable: helper_reachable(),
         targets,
     }
 }
@@ -174,6 +202,16 @@ pub fn render(p: &Preview, style: &crate::style::Style) -> String {
         "asd will manage the following per {} settings:\n",
         p.config_file.display()
     ));
+    if let Some(svc) = &p.service {
+        out.push_str(&format!("systemd service asd.service is {svc}.\n"));
+    }
+    if let Some(h) = p.helper_reachable {
+        out.push_str(if h {
+            "the asd helper answers on its socket.\n"
+        } else {
+            "the asd helper is NOT reachable: ask an administrator to run `systemctl enable --now asd-helper.socket`.\n"
+        });
+    }
     out.push_str(&format!(
         "volatile: {} ({})\nresync interval: {}s\n",
         p.volatile.display(),

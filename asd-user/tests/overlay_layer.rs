@@ -536,32 +536,42 @@ fn second_persist_follows_the_upper_layer() {
     assert_clean(&ns.lower());
 }
 
-/// The unprivileged owner runs everything but the mount: changes through the overlay, persist
-/// (inside the namespace, where the tmpfs is) and apply, as uid 65534.
-#[test]
-fn unprivileged_owner_persists_and_applies() {
-    if skip_unless_root() {
-        return;
-    }
+/// The owner (uid 65534) makes the tree and changes it through the overlay, as asd's user.
+fn unprivileged_scenario() -> Ns {
     let ns = Ns::new();
     ns.sh(
         "chown 65534:65534 \"$HOME_DIR\"; as_owner bash -c \"$(declare -f make_lower stamp_all); \
          make_lower '$L'\"; cp -a \"$L\" \"$E\"",
     );
-    let before = listing(&ns.lower());
     ns.sh(
         "mount_ovl; as_owner bash -euo pipefail -c \"$(declare -f ops1); ops1 '$M'; ops1 '$E'\"; \
          rsync -aX \"$M\"/ \"$S\"/; umount \"$M\"",
     );
-    let as_nobody = |c: Command| {
-        let mut s = ns.cmd("setpriv");
-        s.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-            .arg(c.get_program())
-            .args(c.get_args())
-            .envs(c.get_envs().filter_map(|(k, v)| v.map(|v| (k, v))));
-        s
-    };
-    let out = run_ok(as_nobody(child("persist", &ns.upper(), &ns.changes())));
+    ns
+}
+
+/// `c` run by uid 65534 inside the test's mount namespace.
+fn as_nobody(ns: &Ns, c: Command) -> Command {
+    let mut s = ns.cmd("setpriv");
+    s.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(c.get_program())
+        .args(c.get_args())
+        .envs(c.get_envs().filter_map(|(k, v)| v.map(|v| (k, v))));
+    s
+}
+
+/// The unprivileged owner runs everything but the mount: changes through the overlay, persist
+/// (inside the namespace, where the tmpfs is) and apply, as uid 65534. The changes include
+/// read-only files and directories, which overlayfs gives `user.overlay.origin` xattrs when it
+/// copies them up.
+#[test]
+fn unprivileged_owner_persists_and_applies() {
+    if skip_unless_root() {
+        return;
+    }
+    let ns = unprivileged_scenario();
+    let before = listing(&ns.lower());
+    let out = run_ok(as_nobody(&ns, child("persist", &ns.upper(), &ns.changes())));
     assert!(out.contains("CHILD-OK"), "{out}");
     assert_eq!(
         listing(&ns.lower()),
@@ -576,14 +586,39 @@ fn unprivileged_owner_persists_and_applies() {
         .is_char_device());
     // The upper's whiteouts belong to root (overlayfs makes them with the mounter's
     // credentials); the copies are the owner's, otherwise the same.
-    let d = rsync(&["-rlpDXc"], &ns.inside(&ns.upper()), &c);
+    let d = rsync(&["-rlptDXc"], &ns.inside(&ns.upper()), &c);
     assert!(d.is_empty(), "upper and changes differ:\n{d}");
 
-    let out = run_ok(as_nobody(child("apply", &ns.changes(), &ns.lower())));
+    let out = run_ok(as_nobody(&ns, child("apply", &ns.changes(), &ns.lower())));
     assert!(out.contains("CHILD-OK"), "{out}");
     assert_same(&ns.lower(), &ns.snapshot());
     assert_same_but_times(&ns.lower(), &ns.expected());
     assert_clean(&ns.lower());
+}
+
+/// Apply alone as the unprivileged owner (the changes persisted by root, then given to the
+/// owner): read-only directories and files, xattrs on them, all without privileges.
+#[test]
+fn unprivileged_owner_applies() {
+    if skip_unless_root() {
+        return;
+    }
+    let ns = unprivileged_scenario();
+    persist(&ns.inside(&ns.upper()), &ns.changes()).expect("persist");
+    let chown = Command::new("chown")
+        .args(["-hR", "65534:65534"])
+        .arg(ns.changes())
+        .status()
+        .expect("chown");
+    assert!(chown.success());
+    let out = run_ok(as_nobody(&ns, child("apply", &ns.changes(), &ns.lower())));
+    assert!(out.contains("CHILD-OK"), "{out}");
+    assert_same(&ns.lower(), &ns.snapshot());
+    assert_same_but_times(&ns.lower(), &ns.expected());
+    assert_clean(&ns.lower());
+    // Again, now that the destination has the read-only entries.
+    run_ok(as_nobody(&ns, child("apply", &ns.changes(), &ns.lower())));
+    assert_same(&ns.lower(), &ns.snapshot());
 }
 
 /// Relative path -> content of every regular file below `root`.

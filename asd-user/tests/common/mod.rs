@@ -219,11 +219,28 @@ impl Drop for Ns {
     }
 }
 
-/// Create `user` if missing; returns (uid, gid).
+/// Create `user` if missing (its home owned by it); returns (uid, gid). Serialised: parallel
+/// `useradd` calls for the same name race.
 pub fn test_user(name: &str) -> (u32, u32) {
-    let _ = Command::new("useradd")
-        .args(["-m", "-s", "/bin/sh", name])
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let exists = Command::new("id")
+        .arg(name)
+        .stdout(Stdio::null())
         .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !exists {
+        let _ = Command::new("useradd")
+            .args(["-m", "-s", "/bin/sh", name])
+            .stderr(Stdio::null())
+            .status();
+    }
+    let home = format!("/home/{name}");
+    let _ = std::fs::create_dir_all(&home);
+    let _ = Command::new("chown")
+        .arg(format!("{name}:"))
+        .arg(&home)
         .status();
     let out = Command::new("id").args(["-u", name]).output().expect("id");
     let uid: u32 = String::from_utf8_lossy(&out.stdout)

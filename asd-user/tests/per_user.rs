@@ -1,0 +1,262 @@
+//! Per-user mode end to end: unprivileged asd managers of two real users ask a real asd-helper
+//! (started in the test's mount namespace on its own socket) for their mounts (issue 4).
+
+mod common;
+use common::*;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output};
+
+fn helper_bin() -> PathBuf {
+    Path::new(ASD).with_file_name("asd-helper")
+}
+
+struct World {
+    ns: Ns,
+    helper: Child,
+    socket: PathBuf,
+}
+
+impl World {
+    fn new() -> Option<World> {
+        if !require_root() {
+            return None;
+        }
+        assert!(
+            helper_bin().exists(),
+            "{} is missing: run `cargo build --workspace` (the README test command does)",
+            helper_bin().display()
+        );
+        let ns = Ns::new();
+        let socket = ns.root.join("helper.sock");
+        let state = ns.root.join("helper-state");
+        let helper = ns
+            .cmd(helper_bin().to_str().expect("utf-8 path"))
+            .arg("--socket")
+            .arg(&socket)
+            .env("ASD_HELPER_STATE_DIR", &state)
+            .spawn()
+            .expect("start asd-helper");
+        for _ in 0..200 {
+            if socket.exists() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert!(socket.exists(), "the helper did not create its socket");
+        Some(World { ns, helper, socket })
+    }
+
+    /// A fresh target `~/<name>` of `user` with a few files, and the user's config for it.
+    fn user_setup(&self, user: &str, name: &str) -> (u32, PathBuf, PathBuf) {
+        let (uid, _) = test_user(user);
+        let home = PathBuf::from(format!("/home/{user}"));
+        let target = home.join(name);
+        let run = self.ns.root.join(format!("xdg-{user}"));
+        std::fs::create_dir_all(&run).expect("mkdir");
+        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+        let conf = self.ns.root.join(format!("{user}.conf"));
+        std::fs::write(
+            &conf,
+            format!(
+                "WHATTOSYNC=(~/{name})\nVOLATILE='{}'\n",
+                self.ns.vol().display()
+            ),
+        )
+        .expect("conf");
+        self.ns.sh_ok(&format!(
+            "rm -rf '{t}' '{h}/.{name}-backup_asd'* && mkdir -p '{t}/sub' && echo hello > '{t}/sub/f' && \
+             chown -R {user}: '{t}' '{run}' '{conf}'",
+            t = target.display(),
+            h = home.display(),
+            run = run.display(),
+            conf = conf.display()
+        ));
+        (uid, target, conf)
+    }
+
+    fn asd_as(&self, user: &str, conf: &Path, args: &[&str]) -> Output {
+        let mut c: Command = self.ns.cmd("setpriv");
+        c.args([
+            "--reuid",
+            user,
+            "--regid",
+            user,
+            "--init-groups",
+            "--",
+            "env",
+            "-i",
+        ])
+        .arg(format!("HOME=/home/{user}"))
+        .arg(format!(
+            "XDG_RUNTIME_DIR={}",
+            self.ns.root.join(format!("xdg-{user}")).display()
+        ))
+        .arg(format!("ASD_HELPER_SOCKET={}", self.socket.display()))
+        .arg(format!("ASDCONF={}", conf.display()))
+        .arg("PATH=/usr/bin:/bin")
+        .arg("NO_COLOR=1")
+        .arg(ASD)
+        .args(args);
+        c.output().expect("run asd as user")
+    }
+
+    fn asd_as_ok(&self, user: &str, conf: &Path, args: &[&str]) -> String {
+        let out = self.asd_as(user, conf, args);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success(),
+            "asd {args:?} as {user} failed:\n{text}"
+        );
+        text
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        let _ = self.helper.kill();
+        let _ = self.helper.wait();
+    }
+}
+
+#[test]
+fn alice_syncs_her_home_dir_through_the_helper() {
+    let Some(w) = World::new() else { return };
+    let (uid, target, conf) = w.user_setup("asdalice", "work-a");
+    let out = w.asd_as_ok("asdalice", &conf, &["sync"]);
+    assert!(out.contains("sync successful"), "{out}");
+    assert_eq!(w.ns.statfs_type(&target), "tmpfs");
+    let p = asd::paths::TargetPaths::new(&target, "asdalice", &w.ns.vol()).expect("paths");
+    let listing = w.ns.sh_ok(&format!(
+        "find '{}' -printf '%U %p\\n'",
+        p.user_area.display()
+    ));
+    assert!(
+        listing.lines().all(|l| l.starts_with(&format!("{uid} "))),
+        "{listing}"
+    );
+    let area = std::fs::metadata(w.ns.inside(&p.user_area)).expect("area");
+    assert_eq!(area.permissions().mode() & 0o777, 0o700);
+    let pv = w.asd_as_ok("asdalice", &conf, &["preview"]);
+    assert!(
+        pv.contains("in RAM: yes") && pv.contains("the asd helper answers"),
+        "{pv}"
+    );
+
+    w.ns.sh_ok(&format!(
+        "su asdalice -s /bin/sh -c 'echo mine > {}/new'",
+        target.display()
+    ));
+    w.asd_as_ok("asdalice", &conf, &["resync"]);
+    let m = std::fs::metadata(w.ns.inside(&p.backup.join("new"))).expect("written back");
+    assert_eq!(m.uid(), uid);
+    w.asd_as_ok("asdalice", &conf, &["unsync"]);
+    assert!(w.ns.our_mounts().is_empty(), "{:?}", w.ns.our_mounts());
+    let mounted_home: Vec<String> =
+        std::fs::read_to_string(format!("/proc/{}/mountinfo", w.ns.pid))
+            .expect("mountinfo")
+            .lines()
+            .filter(|l| l.contains("/home/asdalice"))
+            .map(str::to_string)
+            .collect();
+    assert!(mounted_home.is_empty(), "left mounted: {mounted_home:?}");
+    assert_eq!(
+        std::fs::read_to_string(target.join("new")).expect("on disk"),
+        "mine\n"
+    );
+    assert!(!p.backup.exists() && !p.old.exists());
+}
+
+#[test]
+fn alice_and_bob_at_once_and_apart() {
+    let Some(w) = World::new() else { return };
+    let (_, ta, ca) = w.user_setup("asdalice", "work-b");
+    let (_, tb, cb) = w.user_setup("asdbob", "work-b");
+    std::thread::scope(|s| {
+        let a = s.spawn(|| w.asd_as_ok("asdalice", &ca, &["sync"]));
+        let b = s.spawn(|| w.asd_as_ok("asdbob", &cb, &["sync"]));
+        a.join().expect("alice");
+        b.join().expect("bob");
+    });
+    assert_eq!(w.ns.statfs_type(&ta), "tmpfs");
+    assert_eq!(w.ns.statfs_type(&tb), "tmpfs");
+    // bob cannot look into alice's RAM area.
+    let area_a = w.ns.vol().join("asd-asdalice");
+    let peek = w.ns.sh(&format!(
+        "su asdbob -s /bin/sh -c 'ls {}'",
+        area_a.display()
+    ));
+    assert!(!peek.status.success(), "bob could read alice's area");
+    w.asd_as_ok("asdbob", &cb, &["unsync"]);
+    // bob (stopped) asking for alice's target is refused, and nothing of hers changes.
+    let evil = w.ns.root.join("bob-evil.conf");
+    std::fs::write(
+        &evil,
+        format!(
+            "WHATTOSYNC=('{}')\nVOLATILE='{}'\n",
+            ta.display(),
+            w.ns.vol().display()
+        ),
+    )
+    .expect("conf");
+    w.ns.sh_ok(&format!("chown asdbob: '{}'", evil.display()));
+    let out = w.asd_as("asdbob", &evil, &["sync"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("not to you"), "{err}");
+    assert_eq!(
+        w.ns.statfs_type(&ta),
+        "tmpfs",
+        "alice's target is still hers, in RAM"
+    );
+    w.asd_as_ok("asdalice", &ca, &["unsync"]);
+    assert!(w.ns.our_mounts().is_empty(), "{:?}", w.ns.our_mounts());
+    assert_eq!(
+        std::fs::read_to_string(ta.join("sub/f")).expect("alice data"),
+        "hello\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(tb.join("sub/f")).expect("bob data"),
+        "hello\n"
+    );
+}
+
+#[test]
+fn unreachable_helper_is_explained() {
+    let Some(w) = World::new() else { return };
+    let (_, _target, conf) = w.user_setup("asdalice", "work-c");
+    let mut c = w.ns.cmd("setpriv");
+    c.args([
+        "--reuid",
+        "asdalice",
+        "--regid",
+        "asdalice",
+        "--init-groups",
+        "--",
+        "env",
+        "-i",
+    ])
+    .arg("HOME=/home/asdalice")
+    .arg(format!(
+        "XDG_RUNTIME_DIR={}",
+        w.ns.root.join("xdg-asdalice").display()
+    ))
+    .arg(format!(
+        "ASD_HELPER_SOCKET={}",
+        w.ns.root.join("nothing-here.sock").display()
+    ))
+    .arg(format!("ASDCONF={}", conf.display()))
+    .arg(ASD)
+    .arg("sync");
+    let out = c.output().expect("asd");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("systemctl enable --now asd-helper.socket"),
+        "{err}"
+    );
+    assert!(w.ns.our_mounts().is_empty());
+}
