@@ -235,7 +235,9 @@ impl Engine<'_> {
             .map_err(oe)?;
         }
         self.mounter.bind_backup(t).map_err(te)?;
-        if cfg.use_backups {
+        // Overlay mode needs no start clone: the original is the lower layer and is never
+        // written while mounted, so it *is* the start state (and cloning would touch its ctimes).
+        if cfg.use_backups && t.mode == Mode::Copy {
             nsops::mkdir_owned(&p.old_partial, &t.owner).map_err(|e| target_err(&p.target, e))?;
             owner::run(
                 &t.owner,
@@ -264,7 +266,18 @@ impl Engine<'_> {
                 )
                 .map_err(oe)?;
             }
-            Mode::Overlay => self.mounter.mount_overlay(t).map_err(te)?,
+            Mode::Overlay => {
+                owner::run(
+                    &t.owner,
+                    &Job::MatchDirMeta {
+                        src: p.target.clone(),
+                        dst: p.upper.clone(),
+                    },
+                    None,
+                )
+                .map_err(oe)?;
+                self.mounter.mount_overlay(t).map_err(te)?
+            }
         }
         self.mounter.cover(t).map_err(te)
     }

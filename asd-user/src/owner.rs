@@ -29,6 +29,12 @@ pub enum Job {
         delete: bool,
         durable: bool,
     },
+    /// Give `dst` (a directory) the mode, times and user xattrs of `src`: the overlay's upper
+    /// root decides what the merged root looks like.
+    MatchDirMeta {
+        src: PathBuf,
+        dst: PathBuf,
+    },
     /// Hard-linked clone of `src` into the existing empty directory `dst`.
     Clone {
         src: PathBuf,
@@ -254,6 +260,7 @@ fn execute(job: &Job, fd: Option<OwnedFd>) -> Result<Output, String> {
         )
         .map(Output::Stats)
         .map_err(|x| e(&x)),
+        Job::MatchDirMeta { src, dst } => match_dir_meta(src, dst).map(|_| Output::Done),
         Job::Clone { src, dst } => copy::hardlink_clone(src, dst)
             .map(Output::Stats)
             .map_err(|x| e(&x)),
@@ -323,4 +330,27 @@ fn prune(dir: &std::path::Path) {
         }
     }
     let _ = std::fs::remove_dir(dir);
+}
+
+fn match_dir_meta(src: &std::path::Path, dst: &std::path::Path) -> Result<(), String> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let m = std::fs::symlink_metadata(src).map_err(|e| format!("stat {}: {e}", src.display()))?;
+    std::fs::set_permissions(dst, std::fs::Permissions::from_mode(m.mode() & 0o7777))
+        .map_err(|e| format!("chmod {}: {e}", dst.display()))?;
+    if let Ok(names) = xattr::list(src) {
+        for name in names.filter(|n| n.to_string_lossy().starts_with("user.")) {
+            if let Ok(Some(v)) = xattr::get(src, &name) {
+                let _ = xattr::set(dst, &name, &v);
+            }
+        }
+    }
+    let ts = |s: i64, ns: i64| nix::sys::time::TimeSpec::new(s, ns);
+    nix::sys::stat::utimensat(
+        None,
+        dst,
+        &ts(m.atime(), m.atime_nsec()),
+        &ts(m.mtime(), m.mtime_nsec()),
+        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+    )
+    .map_err(|e| format!("set times of {}: {e}", dst.display()))
 }

@@ -4,50 +4,6 @@ mod common;
 use common::*;
 use std::path::Path;
 
-/// A small tree with the awkward cases: nested dirs, empty dir, symlinks, spaces and a newline in
-/// names, a hidden file, a fifo, an xattr, odd modes.
-fn make_tree(ns: &Ns, dir: &Path) {
-    ns.sh_ok(&format!(
-        r#"set -e; mkdir -p '{d}'; cd '{d}'
-        mkdir -p a/b/c empty 'dir with space'
-        echo one > a/one.txt; echo two > a/b/two.txt; head -c 200000 /dev/urandom > a/b/c/blob.bin
-        echo hidden > .hidden; echo spaced > 'dir with space/file name.txt'
-        printf 'x' > "$(printf 'new\nline')"
-        ln -s a/one.txt link-to-one; ln -s /nonexistent dangling
-        mkfifo fifo; chmod 0750 a/b; chmod 0600 a/one.txt
-        setfattr -n user.color -v blue a/one.txt
-        echo edit-me > edit.txt; echo delete-me > delete.txt; echo mode > mode.txt
-        mkdir -p gone/deep; echo x > gone/deep/x"#,
-        d = dir.display()
-    ));
-}
-
-/// The same changes, applied to the synced target and to a plain copy.
-fn mutate(ns: &Ns, dir: &Path) {
-    ns.sh_ok(&format!(
-        r#"set -e; cd '{d}'
-        echo edited >> edit.txt; rm delete.txt; chmod 0704 mode.txt
-        echo added > added.txt; mkdir -p newdir/sub; echo n > newdir/sub/n.txt; mkdir newempty
-        ln -sf edit.txt link-to-one; rm -r gone
-        setfattr -n user.new -v 42 edit.txt; setfattr -x user.color a/one.txt
-        printf 'y' > "$(printf 'other\nnewline') with space"
-        head -c 50000 /dev/urandom > a/b/c/blob.bin"#,
-        d = dir.display()
-    ));
-}
-
-/// Give every entry of both trees the same, distinct, nanosecond mtime, so that a lost or
-/// rounded mtime shows up in the comparison.
-fn stamp(ns: &Ns, dir: &Path) {
-    ns.sh_ok(&format!(
-        r#"cd '{d}' && find . -depth -print0 | while IFS= read -r -d '' f; do
-             n=$(printf '%s' "$f" | cksum | cut -d' ' -f1)
-             touch -h -d "@$((1500000000 + n % 100000000)).$((n % 1000000000))" "$f"
-           done"#,
-        d = dir.display()
-    ));
-}
-
 fn roundtrip(shared: bool) {
     if !require_root() {
         return;
