@@ -138,12 +138,15 @@ fn log(
     target: Option<&str>,
     result: &Result<Map<String, Value>, ServiceError>,
 ) {
+    // Everything that comes from the client is escaped: one decision, one line.
     let target = target.unwrap_or("-");
+    let method = method.escape_debug();
     match result {
         Ok(_) => tracing::info!("uid={uid} method={method} target={target:?} result=ok"),
         Err(e) => tracing::info!(
-            "uid={uid} method={method} target={target:?} result={} ({e})",
-            e.name()
+            "uid={uid} method={method} target={target:?} result={} ({})",
+            e.name().escape_debug(),
+            e.to_string().escape_debug()
         ),
     }
 }
@@ -276,8 +279,13 @@ async fn connection(
     }
 }
 
+/// Answers a connection over the limits with the error, as the reply to its first call if it
+/// sends one promptly (so that a client writing its call does not get EPIPE instead), and closes.
 async fn refuse(mut stream: UnixStream, e: ServiceError) {
+    let mut buf = [0u8; 4096];
+    let _ = tokio::time::timeout(Duration::from_millis(200), stream.read(&mut buf)).await;
     let _ = send(&mut stream, &error_reply(&e), Duration::from_secs(1)).await;
+    let _ = stream.shutdown().await;
 }
 
 /// Serves until SIGTERM/SIGINT, or until idle for `exit_idle` (socket activation).

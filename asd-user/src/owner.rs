@@ -271,11 +271,7 @@ fn execute(job: &Job, fd: Option<OwnedFd>) -> Result<Output, String> {
                 .map_err(|x| e(&x))
         }
         Job::Empty { path } => empty_dir(path).map(|_| Output::Done),
-        Job::Remove { path } => match std::fs::remove_dir_all(path) {
-            Ok(()) => Ok(Output::Done),
-            Err(x) if x.kind() == std::io::ErrorKind::NotFound => Ok(Output::Done),
-            Err(x) => Err(format!("remove {}: {x}", path.display())),
-        },
+        Job::Remove { path } => remove_tree(path).map(|_| Output::Done),
         Job::Prune { path } => {
             prune(path);
             Ok(Output::Done)
@@ -353,4 +349,44 @@ fn match_dir_meta(src: &std::path::Path, dst: &std::path::Path) -> Result<(), St
         nix::sys::stat::UtimensatFlags::NoFollowSymlink,
     )
     .map_err(|e| format!("set times of {}: {e}", dst.display()))
+}
+
+/// Remove a tree we own. Directories without permissions (overlayfs leaves its `work/work` at
+/// mode 0000) are opened up first, without following symlinks.
+fn remove_tree(path: &std::path::Path) -> Result<(), String> {
+    match std::fs::remove_dir_all(path) {
+        Ok(()) => return Ok(()),
+        Err(x) if x.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(x) if x.kind() != std::io::ErrorKind::PermissionDenied => {
+            return Err(format!("remove {}: {x}", path.display()))
+        }
+        Err(_) => {}
+    }
+    open_up(path);
+    match std::fs::remove_dir_all(path) {
+        Ok(()) => Ok(()),
+        Err(x) if x.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(x) => Err(format!("remove {}: {x}", path.display())),
+    }
+}
+
+fn open_up(dir: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = std::fs::symlink_metadata(dir) else {
+        return;
+    };
+    if !meta.is_dir() {
+        return;
+    }
+    let _ = std::fs::set_permissions(
+        dir,
+        std::fs::Permissions::from_mode(meta.permissions().mode() | 0o700),
+    );
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                open_up(&e.path());
+            }
+        }
+    }
 }

@@ -136,7 +136,19 @@ impl Client {
 
     /// Sends any call and returns the raw reply (error replies included, not turned into `Err`).
     pub fn call_raw(&mut self, call: &Call) -> Result<Reply, ClientError> {
-        self.stream.write_all(&encode(&call.to_json()))?;
+        if let Err(e) = self.stream.write_all(&encode(&call.to_json())) {
+            // The helper may have answered (e.g. TooManyConnections) and closed before reading
+            // the call: its error is the better report.
+            if matches!(
+                e.kind(),
+                io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+            ) {
+                if let Ok(reply) = self.read_reply() {
+                    return Ok(reply);
+                }
+            }
+            return Err(e.into());
+        }
         if call.oneway {
             return Ok(Reply::default());
         }

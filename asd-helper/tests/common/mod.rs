@@ -43,6 +43,22 @@ pub fn root_or_skip(test: &str) -> bool {
     false
 }
 
+/// The child is killed if the test (the thread that started it) dies first, so a crashed test
+/// leaves no helper and no namespace behind.
+pub fn die_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs between fork and exec and only calls prctl, which is
+    // async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 pub fn run(cmd: &mut Command) -> Output {
     let out = cmd
         .output()
@@ -209,11 +225,14 @@ impl Helper {
         let call = dir.join("asd-helper-call");
         std::fs::copy(CALL, &call).unwrap();
         chmod(&call, 0o755);
-        let holder = Command::new("unshare")
+        let mut holder = Command::new("unshare");
+        holder
             .args(["-m", "--propagation", opts.propagation, "sleep", "100000"])
             .stdin(Stdio::null())
-            .spawn()
-            .expect("unshare");
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        die_with_parent(&mut holder);
+        let holder = holder.spawn().expect("unshare");
         let mut h = Helper {
             holder,
             helper: None,
@@ -265,6 +284,7 @@ impl Helper {
         for (k, v) in &self.opts.env {
             cmd.env(k, v);
         }
+        die_with_parent(&mut cmd);
         self.helper = Some(cmd.spawn().expect("start asd-helper"));
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
