@@ -260,3 +260,32 @@ fn unreachable_helper_is_explained() {
     );
     assert!(w.ns.our_mounts().is_empty());
 }
+
+#[test]
+fn alice_in_overlay_mode_through_the_helper() {
+    let Some(w) = World::new() else { return };
+    let (uid, target, conf) = w.user_setup("asdalice", "work-o");
+    let text = std::fs::read_to_string(&conf).expect("conf") + "USE_OVERLAYFS=yes\n";
+    std::fs::write(&conf, text).expect("conf");
+    w.asd_as_ok("asdalice", &conf, &["sync"]);
+    assert_eq!(w.ns.statfs_type(&target), "overlayfs");
+    w.ns.sh_ok(&format!(
+        "su asdalice -s /bin/sh -c 'echo o > {t}/new && rm {t}/sub/f && mkdir {t}/d'",
+        t = target.display()
+    ));
+    w.asd_as_ok("asdalice", &conf, &["resync"]);
+    let p = asd::paths::TargetPaths::new(&target, "asdalice", &w.ns.vol()).expect("paths");
+    let upper = w.ns.sh_ok(&format!(
+        "find '{}' -printf '%U\\n' | sort -u",
+        p.upper.display()
+    ));
+    assert_eq!(upper.trim(), uid.to_string(), "the upper layer is alice's");
+    w.asd_as_ok("asdalice", &conf, &["unsync"]);
+    assert!(w.ns.our_mounts().is_empty(), "{:?}", w.ns.our_mounts());
+    assert_eq!(
+        std::fs::read_to_string(target.join("new")).expect("new"),
+        "o\n"
+    );
+    assert!(!target.join("sub/f").exists() && target.join("d").is_dir());
+    assert!(!w.ns.inside(&p.user_area).exists(), "area left behind");
+}
