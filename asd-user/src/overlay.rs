@@ -16,28 +16,43 @@
 //!   carrying `user.overlay.whiteout`: the lower entry of that name was deleted;
 //! - other `user.overlay.*` xattrs (origin, impure, uuid, ...) are overlayfs bookkeeping, kept in
 //!   `changes` as they are, never written to the original;
-//! - names starting with [`TEMP_PREFIX`] are leftovers of an interrupted persist, ignored.
+//! - names starting with [`TEMP_PREFIX`] are ignored (persist never leaves any in `changes`).
+//!
+//! The user's own xattrs named `user.overlay.*` (stored escaped by overlayfs, as
+//! `user.overlay.overlay.*`) are not written back either: to the original they would be
+//! overlayfs metadata the next time it is mounted as a lower layer.
 //!
 //! # Persist ([`persist`])
 //!
-//! [`crate::copy::sync_tree`] with `delete` and `durable` does exactly what persisting needs: it
-//! walks only the upper layer and `changes` (never the lower), copies whiteouts (it `mknod`s the
-//! 0:0 character device, which an unprivileged user may do since Linux 5.8) and every `user.*`
-//! xattr, `user.overlay.*` included, writes every entry under a temporary name, makes them durable
-//! (`syncfs`) before renaming them into place, deletes vanished entries only after that, and syncs
-//! again before returning. A crash at any point leaves every entry of `changes` at its previous or
-//! its new version. The one thing it does not do is fail when the kernel refuses the `mknod` of a
-//! whiteout (it skips device nodes it may not create, a deletion that would then silently not be
-//! persisted), so [`persist`] checks first that this user may create whiteouts in `changes`.
+//! The entries of an upper layer depend on each other: `mv a b` gives a new `b` and a whiteout
+//! `a`; `mv d/x y; rm -r d; mkdir d` gives a new `y` and an opaque `d`. A persisted state where
+//! the whiteout or the opaque marker made it but the new entry did not would delete data when
+//! applied, so "every entry old or new" is not enough: `changes` switches from the previous
+//! state to the new one as a whole.
 //!
+//! 1. Remove `<parent>/<TEMP_PREFIX><name>` if an interrupted persist left it.
+//! 2. Build the new state there: [`crate::copy::hardlink_clone`] of the current `changes`
+//!    (links, no data copied), then [`crate::copy::sync_tree`] from the upper layer with
+//!    `delete` and `durable`. The copy engine walks only the upper layer and the clone (never
+//!    the lower), copies whiteouts (it `mknod`s the 0:0 character device, which an unprivileged
+//!    user may do since Linux 5.8) and every `user.*` xattr, `user.overlay.*` included, never
+//!    writes into an inode with other links (it writes a new file and renames it), and syncs
+//!    before it returns. So the current `changes` is never modified. (The engine skips device
+//!    nodes it may not create, which for a whiteout would silently drop a deletion: persist
+//!    first checks that this user may create whiteouts there.)
+//! 3. `RENAME_EXCHANGE` the new state with `changes`, atomically, and fsync the parent.
+//! 4. Remove the previous state, now under the temporary name.
+//!
+//! A crash before step 3 leaves the previous state, after it the new one. The cost grows with
+//! the number of entries in the upper layer (one link per file, plus the data of what changed).
 //! # Apply ([`apply`])
 //!
 //! Applies `changes` to the original directory, never reading more of the original than the
 //! names that `changes` mentions. Phases, like the copy engine's durable mode:
 //!
-//! 1. Walk `changes`. Every file, symlink or fifo is written completely (data, owner, mode, user
-//!    xattrs, then times) under a temporary name in its destination directory. A directory that
-//!    is new, replaces a non-directory or is opaque is built completely under a temporary name
+//! 1. Walk `changes`. Every file, symlink or fifo is written completely (data, user xattrs,
+//!    owner, mode, then times) under a temporary name in its destination directory. A directory
+//!    that is new, replaces a non-directory or is opaque is built completely under a temporary name
 //!    (its content directly under final names inside it). A plain directory present in both is
 //!    merged: the walk descends into it. Whiteouts are noted. Nothing under a final name changes.
 //! 2. `syncfs`: all new content is durable before any of it is renamed into place.
@@ -53,6 +68,9 @@
 //! gives the right result: every entry of `changes` is written again (no quick check, so no torn
 //! file can pass for a good one), whiteouts of already deleted names do nothing, opaque
 //! directories are rebuilt from scratch.
+//!
+//! The original's root directory keeps xattrs that `changes` lacks: the upper layer's root is
+//! made by asd (with the original's mode and owner), not copied up, so it never had them.
 
 use std::ffi::{CStr, CString, OsStr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -101,18 +119,62 @@ fn oerr(op: &'static str, path: PathBuf, e: impl Into<std::io::Error>) -> Overla
 // ---------------------------------------------------------------------------------------------
 // Persist.
 
-/// Persists the changes recorded in `upper` into `changes` on disk (created, mode 0700, if
-/// missing), durably, so that a crash at any point leaves every entry of `changes` at its
-/// previous or its new version. Cost grows with the size of `upper` only.
+/// Persists the changes recorded in `upper` into `changes` on disk, durably and atomically as a
+/// whole: after a crash at any point, `changes` is the complete previous or the complete new
+/// state (see the module documentation). `changes` is created if missing; its parent directory
+/// must be writable. Cost grows with the size of `upper` only.
 pub fn persist(upper: &Path, changes: &Path) -> Result<CopyStats, OverlayError> {
-    let dir = open_or_create_dir(changes)?;
-    check_whiteouts(dir.as_fd(), changes)?;
-    drop(dir);
-    let opts = CopyOptions {
-        delete: true,
-        durable: true,
+    let invalid = |what: &str| {
+        oerr(
+            "persist",
+            changes.to_path_buf(),
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, what.to_string()),
+        )
     };
-    let stats = copy::sync_tree(upper, changes, &opts)?;
+    let (Some(parent), Some(name)) = (changes.parent(), changes.file_name()) else {
+        return Err(invalid("not a path to a directory"));
+    };
+    let parent = if parent.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        parent
+    };
+    let name = CString::new(name.as_bytes()).map_err(|_| invalid("NUL in the path"))?;
+    let next_name = CString::new([TEMP_PREFIX.as_bytes(), name.as_bytes()].concat())
+        .map_err(|_| invalid("NUL in the path"))?;
+    let next = join(parent, &next_name);
+    let pfd = rfs::open(parent, DIR_FLAGS, Mode::empty())
+        .map_err(|e| oerr("open", parent.to_path_buf(), e))?;
+    // A next state left by an interrupted persist was never switched in: start afresh.
+    remove_tree(pfd.as_fd(), &next_name, &mut Vec::new())
+        .map_err(|e| oerr("remove", next.clone(), e))?;
+    let exists = match lstat_at(pfd.as_fd(), &name) {
+        Ok(m) if m.kind == FileType::Directory => true,
+        // Never follow a symlink planted at `changes`.
+        Ok(_) => return Err(invalid("exists and is not a directory")),
+        Err(Errno::NOENT) => false,
+        Err(e) => return Err(oerr("lstat", changes.to_path_buf(), e)),
+    };
+    let built = build_next(upper, changes, &next, exists);
+    let switched = built.and_then(|stats| {
+        switch_in(pfd.as_fd(), &next_name, &name, exists, changes)?;
+        Ok(stats)
+    });
+    let stats = match switched {
+        Ok(stats) => stats,
+        Err(e) => {
+            // `changes` is untouched; what was built is not needed.
+            let _ = remove_tree(pfd.as_fd(), &next_name, &mut Vec::new());
+            return Err(e);
+        }
+    };
+    // The previous state, now under the temporary name. A failure here costs disk space until
+    // the next persist removes it.
+    if exists {
+        if let Err(e) = remove_tree(pfd.as_fd(), &next_name, &mut Vec::new()) {
+            warn!("{}", oerr("remove", next, e));
+        }
+    }
     debug!(
         ?upper,
         ?changes,
@@ -122,13 +184,60 @@ pub fn persist(upper: &Path, changes: &Path) -> Result<CopyStats, OverlayError> 
     Ok(stats)
 }
 
-fn open_or_create_dir(path: &Path) -> Result<OwnedFd, OverlayError> {
-    match rfs::mkdir(path, Mode::from_raw_mode(0o700)) {
-        Ok(()) | Err(Errno::EXIST) => {}
-        Err(e) => return Err(oerr("mkdir", path.to_path_buf(), e)),
+/// Builds the new state at `next`: a hard-linked clone of the current `changes` (cheap: links,
+/// no data), brought up to date with the upper layer by the copy engine, which replaces a
+/// changed file with a new inode rather than writing into it, so the current state's files
+/// are never modified. Durable when it returns.
+fn build_next(
+    upper: &Path,
+    changes: &Path,
+    next: &Path,
+    exists: bool,
+) -> Result<CopyStats, OverlayError> {
+    if exists {
+        copy::hardlink_clone(changes, next)?;
+    } else {
+        rfs::mkdir(next, mode(0o700)).map_err(|e| oerr("mkdir", next.to_path_buf(), e))?;
     }
-    // O_NOFOLLOW: a symlink planted at `changes` is refused (ELOOP), not followed.
-    rfs::open(path, DIR_FLAGS, Mode::empty()).map_err(|e| oerr("open", path.to_path_buf(), e))
+    let dir = rfs::open(next, DIR_FLAGS, Mode::empty())
+        .map_err(|e| oerr("open", next.to_path_buf(), e))?;
+    check_whiteouts(dir.as_fd(), next)?;
+    drop(dir);
+    let opts = CopyOptions {
+        delete: true,
+        durable: true,
+    };
+    Ok(copy::sync_tree(upper, next, &opts)?)
+}
+
+/// Puts the new state `next_name` in place as `name` in one atomic step (the current one, if
+/// any, ends up under `next_name`), and makes the switch durable.
+fn switch_in(
+    parent: BorrowedFd<'_>,
+    next_name: &CStr,
+    name: &CStr,
+    exists: bool,
+    changes: &Path,
+) -> Result<(), OverlayError> {
+    let flags = if exists {
+        RenameFlags::EXCHANGE
+    } else {
+        RenameFlags::NOREPLACE
+    };
+    match rfs::renameat_with(parent, next_name, parent, name, flags) {
+        Ok(()) => {}
+        // Two renames instead would leave a moment without `changes`: refuse instead. Every
+        // local Linux filesystem has RENAME_EXCHANGE.
+        Err(e @ (Errno::INVAL | Errno::NOSYS | Errno::OPNOTSUPP)) => {
+            return Err(oerr(
+                "exchange (RENAME_EXCHANGE, needed by overlay mode)",
+                changes.to_path_buf(),
+                e,
+            ))
+        }
+        Err(e) => return Err(oerr("rename", changes.to_path_buf(), e)),
+    }
+    rfs::fsync(parent).map_err(|e| oerr("fsync", changes.to_path_buf(), e))
 }
 
 /// Creates and removes a whiteout in `dir`: the copy engine skips device nodes it may not
@@ -981,7 +1090,7 @@ impl Applier<'_> {
         }
     }
 
-    /// Data, owner, mode, xattrs, then times (last: everything before may change them).
+    /// Data, then metadata ([`Applier::set_meta_fd`]).
     fn write_file(
         &mut self,
         src: &OwnedFd,
@@ -997,7 +1106,8 @@ impl Applier<'_> {
         Ok(n)
     }
 
-    /// Owner, mode, wanted xattrs and times of an open file or directory.
+    /// Wanted xattrs, owner, mode, then times (last: everything before may change them) of an
+    /// open file or directory.
     fn set_meta_fd(
         &mut self,
         fd: BorrowedFd<'_>,
@@ -1006,6 +1116,16 @@ impl Applier<'_> {
         additive: bool,
     ) -> Result<(), (&'static str, bool, Errno)> {
         let now = fstat(fd).map_err(|e| ("stat", false, e))?;
+        // Xattrs before the mode: writing user xattrs needs write permission even for the
+        // owner, which a read-only file or directory no longer gives once chmodded.
+        match sync_xattrs(fd, xattrs, additive) {
+            Err(Errno::ACCESS) if now.perm & 0o200 == 0 => {
+                rfs::fchmod(fd, mode(now.perm | 0o200)).map_err(|e| ("chmod", false, e))?;
+                sync_xattrs(fd, xattrs, additive)
+            }
+            other => other,
+        }
+        .map_err(|e| ("setxattr", false, e))?;
         let (uid, gid) = self.ids.change(sm, &now);
         if uid.is_some() || gid.is_some() {
             let r = rfs::fchown(fd, uid, gid);
@@ -1013,7 +1133,6 @@ impl Applier<'_> {
         }
         // After chown, which may clear set-id bits; always, since the umask shaped new entries.
         rfs::fchmod(fd, mode(sm.perm)).map_err(|e| ("chmod", false, e))?;
-        sync_xattrs(fd, xattrs, additive).map_err(|e| ("setxattr", false, e))?;
         rfs::futimens(fd, &sm.times()).map_err(|e| ("utimens", false, e))
     }
 
@@ -1229,7 +1348,10 @@ impl Applier<'_> {
         // Incomplete (an entry failed; the error is returned and `changes` is kept): it may
         // still go where nothing was, but must not replace what is there.
         if self.errors > errors_before && !matches!(lstat_at(ctx.d, name), Err(Errno::NOENT)) {
-            warn!(path = ?self.dst_path(Some(name)), "not replacing a directory: its new version is incomplete");
+            warn!(
+                path = ?self.dst_path(Some(name)),
+                "not replacing a directory: its new version is incomplete"
+            );
             if let Err(e) = remove_tree(ctx.d, &dname, &mut self.dirbuf) {
                 self.fail(oerr("remove", self.dst_path(Some(&dname)), e));
             }
@@ -1275,7 +1397,10 @@ impl Applier<'_> {
             }
         }
         // Phase 3: renames.
+        let crash_at = crash_point();
+        let mut done = 0;
         for r in &renames {
+            crash_check(crash_at, &mut done);
             let dir = match slot_fd(root, &mut dirs, r.slot) {
                 Ok(d) => d,
                 Err(e) => {
@@ -1299,6 +1424,7 @@ impl Applier<'_> {
             self.syncfs_all()?;
         }
         for (i, name) in &deletions {
+            crash_check(crash_at, &mut done);
             let dir = match slot_fd(root, &mut dirs, *i) {
                 Ok(d) => d,
                 Err(e) => {
@@ -1353,6 +1479,23 @@ impl Applier<'_> {
             }
         }
     }
+}
+
+/// Test hook, the same as the copy engine's: `ASD_TEST_CRASH_AFTER_RENAMES=N` makes apply die
+/// like kill -9 after N of its renames and deletions (phases 3 and 4), so crash tests can stop
+/// it exactly in the middle of putting things in place.
+fn crash_point() -> Option<usize> {
+    std::env::var("ASD_TEST_CRASH_AFTER_RENAMES")
+        .ok()?
+        .parse()
+        .ok()
+}
+
+fn crash_check(crash_at: Option<usize>, done: &mut usize) {
+    if crash_at == Some(*done) {
+        std::process::abort();
+    }
+    *done += 1;
 }
 
 fn is_opaque(xattrs: &Xattrs) -> bool {

@@ -243,7 +243,11 @@ pub fn cleanup(t: &TargetState) -> Result<(), RecoverError> {
             owner::run(&t.owner, &Job::Remove { path: dir.clone() }, None)?;
         }
     }
-    for dir in [&p.old_partial, &p.old, &p.changes] {
+    // An interrupted overlay persist builds its next state beside the target under a temp name.
+    let mut next = std::ffi::OsString::from(crate::copy::TEMP_PREFIX);
+    next.push(p.changes.file_name().unwrap_or_default());
+    let changes_next = p.parent().join(next);
+    for dir in [&p.old_partial, &p.old, &p.changes, &changes_next] {
         if nsops::exists(dir) {
             owner::run(&t.owner, &Job::Empty { path: dir.clone() }, None)?;
             nsops::rmdir(dir)?;
