@@ -148,6 +148,9 @@ pub fn now_secs() -> u64 {
 #[derive(Debug, Clone)]
 pub struct Runtime {
     dir: PathBuf,
+    /// Mode for creating `dir`. The system one, /run/asd, also holds the helper's socket, which
+    /// every user must reach, so it is 0755 (its files are 0600); a user's is 0700.
+    dir_mode: u32,
 }
 
 /// Held for the duration of one command; released on drop (or when the process dies).
@@ -159,23 +162,28 @@ impl Runtime {
     /// `ASD_RUNTIME_DIR` if set; `/run/asd` for root; `$XDG_RUNTIME_DIR/asd` for a user.
     pub fn locate(system: bool) -> Result<Runtime, StateError> {
         if let Some(dir) = std::env::var_os("ASD_RUNTIME_DIR").filter(|d| !d.is_empty()) {
-            return Ok(Runtime { dir: dir.into() });
+            return Ok(Runtime {
+                dir: dir.into(),
+                dir_mode: 0o700,
+            });
         }
         if system {
             return Ok(Runtime {
                 dir: PathBuf::from("/run/asd"),
+                dir_mode: 0o755,
             });
         }
         match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
             Some(d) => Ok(Runtime {
                 dir: PathBuf::from(d).join("asd"),
+                dir_mode: 0o700,
             }),
             None => Err(StateError::NoRuntimeDir),
         }
     }
 
     pub fn at(dir: PathBuf) -> Runtime {
-        Runtime { dir }
+        Runtime { dir, dir_mode: 0o700 }
     }
 
     pub fn dir(&self) -> &Path {
@@ -185,7 +193,7 @@ impl Runtime {
     fn ensure_dir(&self) -> Result<(), StateError> {
         fs::DirBuilder::new()
             .recursive(true)
-            .mode(0o700)
+            .mode(self.dir_mode)
             .create(&self.dir)
             .map_err(|source| StateError::Dir {
                 path: self.dir.clone(),
