@@ -183,7 +183,10 @@ impl Runtime {
     }
 
     pub fn at(dir: PathBuf) -> Runtime {
-        Runtime { dir, dir_mode: 0o700 }
+        Runtime {
+            dir,
+            dir_mode: 0o700,
+        }
     }
 
     pub fn dir(&self) -> &Path {
