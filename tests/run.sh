@@ -38,3 +38,22 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "== tests"
 # Tests that mount run in their own mount namespaces; several at once are fine.
 cargo test --workspace -- --test-threads="${ASD_TEST_THREADS:-4}" "$@"
+
+# ---- end-to-end on real systemd (tests/e2e/run.sh) -------------------------------------------
+# Boots a Debian 12 container with systemd-nspawn (root file system built once with debootstrap
+# and cached in /var/cache/asd-e2e), installs asd into it with `make install DESTDIR=...`, and
+# runs root's asd.service, asd-helper.socket and two users' asd.service there.
+# ASD_SKIP_E2E=1 skips it (loudly); ASD_E2E_PARTS=system runs only install + system mode.
+if [ "${ASD_SKIP_E2E:-0}" = 1 ]; then
+  echo
+  echo "####################################################################################"
+  echo "##  END-TO-END TESTS SKIPPED (ASD_SKIP_E2E=1): the units, make install            ##"
+  echo "##  and the daemons under real systemd were NOT tested.                           ##"
+  echo "##  Unset ASD_SKIP_E2E to run them.                                               ##"
+  echo "####################################################################################"
+  echo
+else
+  echo "== end-to-end (real systemd in a container: tests/e2e/run.sh)"
+  ./tests/e2e/run.sh
+fi
+# ---- end of end-to-end block -----------------------------------------------------------------

@@ -173,7 +173,7 @@ const DEFAULT_TEMPLATE: &str = r#"#
 # The directories to keep in RAM. They must be directories given by an absolute
 # path (or starting with ~ or $HOME); everything beneath them is included.
 # Example:
-#WHATTOSYNC=('~/.cache/thumbnails' "$HOME/work")
+#WHATTOSYNC=(~/.cache/thumbnails "$HOME/work")
 WHATTOSYNC=()
 
 # Where the copies in RAM live. It must be a tmpfs (or zram) mount that you

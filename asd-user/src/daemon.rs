@@ -75,7 +75,12 @@ fn wait_signal(set: &nix::sys::signal::SigSet, timeout: Duration) -> Option<i32>
 
 pub fn run(engine: &Engine) -> Result<(), DaemonError> {
     let set = block_signals()?;
-    let report = engine.sync()?;
+    let report = match engine.sync() {
+        Err(EngineError::Plan(crate::plan::PlanError::NoTargets(file))) => {
+            return idle_without_targets(&set, &file);
+        }
+        other => other?,
+    };
     let interval = engine
         .runtime
         .load()
@@ -133,4 +138,26 @@ pub fn run(engine: &Engine) -> Result<(), DaemonError> {
     ]);
     engine.unsync()?;
     Ok(())
+}
+
+/// Nothing configured: stay up and say so (a freshly enabled unit must not fail), until stopped.
+fn idle_without_targets(
+    set: &nix::sys::signal::SigSet,
+    file: &std::path::Path,
+) -> Result<(), DaemonError> {
+    let msg = format!(
+        "no targets: add directories to WHATTOSYNC in {} and restart asd",
+        file.display()
+    );
+    tracing::warn!("{msg}");
+    notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&msg),
+    ]);
+    loop {
+        match wait_signal(set, Duration::from_secs(3600)) {
+            Some(libc::SIGTERM) | Some(libc::SIGINT) => return Ok(()),
+            _ => continue,
+        }
+    }
 }

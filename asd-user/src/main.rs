@@ -89,7 +89,10 @@ fn run(cli: Cli) -> Result<()> {
             "asd: wrote a commented config template to {}; add the directories to keep in RAM to WHATTOSYNC there, then run this again",
             config_file.display()
         );
-        return Ok(());
+        // The daemon stays up (idle, with nothing to sync) so that enabling the unit succeeds.
+        if !matches!(cli.command, Command::Daemon) {
+            return Ok(());
+        }
     }
     let runtime = Runtime::locate(is_root())?;
     let style = Style::detect();

@@ -325,3 +325,48 @@ impl Spawn for std::process::Command {
             .expect("spawn")
     }
 }
+
+/// `asd daemon`: syncs, writes back every RESYNC_INTERVAL, answers `asd resync` from another
+/// shell, and on SIGTERM unsyncs and exits 0.
+#[test]
+fn daemon_resyncs_on_interval_and_unsyncs_on_sigterm() {
+    if !require_root() {
+        return;
+    }
+    let ns = Ns::new();
+    let t = ns.data().join("t");
+    std::fs::create_dir(&t).expect("mkdir");
+    ns.write_conf(&[&t], "RESYNC_INTERVAL=1s");
+    let mut daemon = ns.asd_cmd(&["daemon"]).spawn().expect("daemon");
+    let backup = ns.data().join(".t-backup_asd");
+    let wait_for = |what: &dyn Fn() -> bool, msg: &str| {
+        for _ in 0..100 {
+            if what() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        panic!("timed out waiting: {msg}");
+    };
+    wait_for(&|| ns.statfs_type(&t) == "tmpfs", "the daemon syncs");
+    std::fs::write(ns.inside(&t.join("a")), "a").expect("write");
+    wait_for(
+        &|| ns.inside(&backup.join("a")).exists(),
+        "the interval resync writes it back",
+    );
+    let out = ns.asd_ok(&["resync"]);
+    assert!(out.contains("resync successful"), "{out}");
+    std::fs::write(ns.inside(&t.join("b")), "b").expect("write");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("kill");
+    let st = daemon.wait().expect("wait");
+    assert!(st.success(), "SIGTERM ends the daemon with 0: {st:?}");
+    assert!(ns.our_mounts().is_empty(), "{:?}", ns.our_mounts());
+    assert_eq!(
+        std::fs::read_to_string(t.join("b")).expect("b on disk"),
+        "b"
+    );
+}

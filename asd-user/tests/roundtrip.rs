@@ -2,7 +2,6 @@
 
 mod common;
 use common::*;
-use std::path::Path;
 
 fn roundtrip(shared: bool) {
     if !require_root() {

@@ -192,7 +192,7 @@ fn man(out: &Path) -> std::io::Result<Vec<PathBuf>> {
     r.control("nf", [])
         .text([roman(
             "systemctl --user enable --now asd\n\
-             $EDITOR ~/.config/asd/asd.conf    # WHATTOSYNC=('~/.cache/thumbnails')\n\
+             $EDITOR ~/.config/asd/asd.conf    # WHATTOSYNC=(~/.cache/thumbnails)\n\
              systemctl --user restart asd\n\
              asd p\n",
         )])
