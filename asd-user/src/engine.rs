@@ -139,6 +139,7 @@ impl Engine<'_> {
                 owner: p.owner.clone(),
                 mode: p.mode,
                 stage: Stage::Syncing,
+                clean_since: None,
             };
             // Leftovers on disk without any state: a reboot after a crash.
             match recover::recover(self.mounter, &t, None, &cfg) {
@@ -176,25 +177,30 @@ impl Engine<'_> {
             owner: p.owner.clone(),
             mode: p.mode,
             stage: Stage::Syncing,
+            clean_since: None,
         };
         state.upsert(t.clone());
         self.runtime.save(state)?;
-        if let Err(e) = self.mount_and_copy(&t, cfg) {
-            tracing::error!("{}: sync failed: {e}; undoing", t.paths.target.display());
-            // Undo: the original directory was never written, so dropping what we built loses
-            // nothing.
-            if let Err(u) = self.undo(&t) {
-                tracing::error!(
-                    "{}: could not undo everything: {u}; `asd sync` will recover it",
-                    t.paths.target.display()
-                );
+        let copied_at = match self.mount_and_copy(&t, cfg) {
+            Ok(at) => at,
+            Err(e) => {
+                tracing::error!("{}: sync failed: {e}; undoing", t.paths.target.display());
+                // Undo: the original directory was never written, so dropping what we built loses
+                // nothing.
+                if let Err(u) = self.undo(&t) {
+                    tracing::error!(
+                        "{}: could not undo everything: {u}; `asd sync` will recover it",
+                        t.paths.target.display()
+                    );
+                    return Err(e);
+                }
+                state.remove(&t.paths.target);
+                self.runtime.save(state)?;
                 return Err(e);
             }
-            state.remove(&t.paths.target);
-            self.runtime.save(state)?;
-            return Err(e);
-        }
+        };
         t.stage = Stage::Synced;
+        t.clean_since = copied_at;
         state.upsert(t.clone());
         self.runtime.save(state)?;
         tracing::info!(
@@ -205,7 +211,13 @@ impl Engine<'_> {
         Ok(())
     }
 
-    fn mount_and_copy(&self, t: &TargetState, cfg: &Config) -> Result<(), EngineError> {
+    /// Returns (copy mode) a time at which the RAM copy equalled the disk: taken after the copy and
+    /// before the cover, so every later change has a newer ctime.
+    fn mount_and_copy(
+        &self,
+        t: &TargetState,
+        cfg: &Config,
+    ) -> Result<Option<crate::copy::Timestamp>, EngineError> {
         let p = &t.paths;
         let te = |e: MountError| target_err(&p.target, e);
         let oe = |e: owner::OwnerError| target_err(&p.target, e);
@@ -261,6 +273,7 @@ impl Engine<'_> {
                         dst: p.volatile.clone(),
                         delete: true,
                         durable: false,
+                        since: None,
                     },
                     None,
                 )
@@ -279,7 +292,9 @@ impl Engine<'_> {
                 self.mounter.mount_overlay(t).map_err(te)?
             }
         }
-        self.mounter.cover(t).map_err(te)
+        let copied_at = (t.mode == Mode::Copy).then(crate::copy::Timestamp::now);
+        self.mounter.cover(t).map_err(te)?;
+        Ok(copied_at)
     }
 
     /// Take apart a half-built sync of `t` whose original was never written.
@@ -294,7 +309,14 @@ impl Engine<'_> {
 
     /// Write one live target back to disk; durable when it returns. `dst` is the original
     /// directory: its backup mount while covered, the target path itself once uncovered.
-    fn write_back(&self, t: &TargetState, dst: &Path) -> Result<CopyStats, EngineError> {
+    /// `since`: compare only what changed after that time (a periodic resync); `None` compares
+    /// everything (unsync, which also repairs any change made to the disk side behind our back).
+    fn write_back(
+        &self,
+        t: &TargetState,
+        dst: &Path,
+        since: Option<crate::copy::Timestamp>,
+    ) -> Result<CopyStats, EngineError> {
         let p = &t.paths;
         let job = match t.mode {
             Mode::Copy => Job::Copy {
@@ -302,6 +324,7 @@ impl Engine<'_> {
                 dst: dst.to_path_buf(),
                 delete: true,
                 durable: true,
+                since,
             },
             Mode::Overlay => Job::Persist {
                 upper: p.upper.clone(),
@@ -323,7 +346,7 @@ impl Engine<'_> {
             .ok_or_else(|| EngineError::NotRunning(self.runtime.dir().to_path_buf()))?;
         let mut report = Report::default();
         let mut failed = 0;
-        for t in &state.targets {
+        for t in state.targets.iter_mut() {
             if !recover::is_live(t) {
                 tracing::error!(
                     "{}: not in RAM any more (its mounts are gone or incomplete); run `asd sync` to recover it",
@@ -332,8 +355,13 @@ impl Engine<'_> {
                 failed += 1;
                 continue;
             }
-            match self.write_back(t, &t.paths.backup) {
-                Ok(s) => report.stats.push((t.paths.target.clone(), s)),
+            // Taken before the walk: whatever changes during it is newer and is seen next time.
+            let started = crate::copy::Timestamp::now();
+            match self.write_back(t, &t.paths.backup, t.clean_since) {
+                Ok(s) => {
+                    t.clean_since = Some(started);
+                    report.stats.push((t.paths.target.clone(), s))
+                }
                 Err(e) => {
                     tracing::error!("{e}");
                     failed += 1;
@@ -404,11 +432,11 @@ impl Engine<'_> {
     fn unsync_live(&self, t: &TargetState) -> Result<(), EngineError> {
         let p = &t.paths;
         let te = |e: MountError| target_err(&p.target, e);
-        self.write_back(t, &p.backup)?;
+        self.write_back(t, &p.backup, None)?;
         self.mounter.uncover(t).map_err(te)?;
         // Catch what was written between the write-back and the unmount. The target path shows
         // the original directory again (the helper may already have dropped the backup mount).
-        self.write_back(t, &p.target)?;
+        self.write_back(t, &p.target, None)?;
         if t.mode == Mode::Overlay {
             // The overlay must be gone before its upper layer is applied to the lower.
             self.mounter.release(t).map_err(te)?;

@@ -206,6 +206,7 @@ fn build_next(
     let opts = CopyOptions {
         delete: true,
         durable: true,
+        ..Default::default()
     };
     Ok(copy::sync_tree(upper, next, &opts)?)
 }

@@ -8,7 +8,7 @@ use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
-use crate::copy::{self, CopyOptions, CopyStats};
+use crate::copy::{self, CopyOptions, CopyStats, Timestamp};
 use crate::state::Owner;
 
 /// Argument that turns the `asd` binary into a worker (not a user command).
@@ -28,6 +28,10 @@ pub enum Job {
         dst: PathBuf,
         delete: bool,
         durable: bool,
+        /// The destination equalled the source at this time: only entries changed since then
+        /// are compared (see `CopyOptions::changed_since`). `None`: full comparison.
+        #[serde(default)]
+        since: Option<Timestamp>,
     },
     /// Give `dst` (a directory) the mode, times and user xattrs of `src`: the overlay's upper
     /// root decides what the merged root looks like.
@@ -250,12 +254,14 @@ fn execute(job: &Job, fd: Option<OwnedFd>) -> Result<Output, String> {
             dst,
             delete,
             durable,
+            since,
         } => copy::sync_tree(
             src,
             dst,
             &CopyOptions {
                 delete: *delete,
                 durable: *durable,
+                changed_since: *since,
             },
         )
         .map(Output::Stats)

@@ -160,6 +160,7 @@ pub fn recover(
                 dst: p.target.clone(),
                 delete: true,
                 durable: true,
+                since: None,
             },
             None,
         )?;

@@ -88,6 +88,10 @@ pub struct TargetState {
     pub owner: Owner,
     pub mode: Mode,
     pub stage: Stage,
+    /// Copy mode: the disk equalled the RAM copy at this time (taken before the last sync's cover
+    /// or the last resync's walk), so a resync only compares what changed since.
+    #[serde(default)]
+    pub clean_since: Option<crate::copy::Timestamp>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
