@@ -50,13 +50,16 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
-use rustix::fs::{
-    self as rfs, AtFlags, FileType, Gid, Mode, OFlags, RawDir, RenameFlags, Timespec, Timestamps,
-    Uid, XattrFlags,
-};
+use rustix::fs::{self as rfs, AtFlags, FileType, Mode, OFlags, RawDir, RenameFlags, XattrFlags};
 use rustix::io::Errno;
 use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
+
+use crate::fsio::{
+    copy_data, crash_point, fstat, is_temp_name, is_user_xattr, list_dir, lstat_at, mode,
+    read_xattrs, remove_entry, remove_tree, wanted_xattr, x_remove, x_set, Ids, Meta, XRef, Xattrs,
+    DIR_FLAGS, FILE_FLAGS, MAX_KEPT_DIRS,
+};
 
 /// Prefix of temporary files the engine creates; crash recovery removes leftovers with this prefix.
 pub const TEMP_PREFIX: &str = ".#asd-tmp.";
@@ -216,87 +219,8 @@ fn sync_tree_with_margin(
 }
 
 // ---------------------------------------------------------------------------------------------
-// Small helpers shared by every walker in this file.
-
-const DIR_FLAGS: OFlags = OFlags::RDONLY
-    .union(OFlags::DIRECTORY)
-    .union(OFlags::NOFOLLOW)
-    .union(OFlags::CLOEXEC);
-/// Opening a "regular file" that was swapped for a fifo must not block, hence NONBLOCK.
-const FILE_FLAGS: OFlags = OFlags::RDONLY
-    .union(OFlags::NOFOLLOW)
-    .union(OFlags::CLOEXEC)
-    .union(OFlags::NOCTTY)
-    .union(OFlags::NONBLOCK);
-
-/// The parts of `struct stat` the engine uses, in fixed-width types.
-#[derive(Debug, Clone, Copy)]
-struct Meta {
-    kind: FileType,
-    perm: u32,
-    uid: u32,
-    gid: u32,
-    size: u64,
-    blocks: u64,
-    nlink: u64,
-    rdev: u64,
-    dev: u64,
-    ino: u64,
-    atime: (i64, i64),
-    mtime: (i64, i64),
-    ctime: Timestamp,
-}
-
-impl Meta {
-    // The field types of `struct stat` differ between architectures; the casts are identities on
-    // some of them.
-    #[allow(clippy::unnecessary_cast, clippy::useless_conversion)]
-    fn from_stat(st: &rfs::Stat) -> Meta {
-        Meta {
-            kind: FileType::from_raw_mode(st.st_mode as u32),
-            perm: st.st_mode as u32 & 0o7777,
-            uid: st.st_uid as u32,
-            gid: st.st_gid as u32,
-            size: st.st_size as u64,
-            blocks: st.st_blocks as u64,
-            nlink: st.st_nlink as u64,
-            rdev: st.st_rdev as u64,
-            dev: st.st_dev as u64,
-            ino: st.st_ino as u64,
-            atime: (st.st_atime as i64, st.st_atime_nsec as i64),
-            mtime: (st.st_mtime as i64, st.st_mtime_nsec as i64),
-            ctime: Timestamp {
-                sec: st.st_ctime as i64,
-                nsec: st.st_ctime_nsec as i64,
-            },
-        }
-    }
-
-    fn times(&self) -> Timestamps {
-        Timestamps {
-            last_access: Timespec {
-                tv_sec: self.atime.0,
-                tv_nsec: self.atime.1,
-            },
-            last_modification: Timespec {
-                tv_sec: self.mtime.0,
-                tv_nsec: self.mtime.1,
-            },
-        }
-    }
-}
-
-fn lstat_at(dir: BorrowedFd<'_>, name: &CStr) -> rustix::io::Result<Meta> {
-    rfs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW).map(|st| Meta::from_stat(&st))
-}
-
-fn fstat(fd: BorrowedFd<'_>) -> rustix::io::Result<Meta> {
-    rfs::fstat(fd).map(|st| Meta::from_stat(&st))
-}
-
-fn mode(perm: u32) -> Mode {
-    Mode::from_raw_mode(perm)
-}
+// Small helpers shared by every walker in this file (the fd-relative primitives it shares with
+// the overlay path are in [`crate::fsio`]).
 
 fn join_rel(root: &Path, rel: &[u8], name: Option<&CStr>) -> PathBuf {
     let mut p = root.to_path_buf();
@@ -320,24 +244,6 @@ fn push_rel(rel: &mut Vec<u8>, name: &CStr) -> usize {
 
 fn open_root(path: &Path) -> Result<OwnedFd, CopyError> {
     rfs::open(path, DIR_FLAGS, Mode::empty()).map_err(|e| cerr("open", path.to_path_buf(), e))
-}
-
-/// Reads all names of a directory (without `.` and `..`) before the caller changes anything in
-/// it. `buf` is scratch space reused between directories.
-fn list_dir(fd: BorrowedFd<'_>, buf: &mut Vec<u8>) -> rustix::io::Result<Vec<CString>> {
-    if buf.capacity() < 64 * 1024 {
-        buf.reserve(64 * 1024);
-    }
-    let mut names = Vec::new();
-    let mut iter = RawDir::new(fd, buf.spare_capacity_mut());
-    while let Some(entry) = iter.next() {
-        let entry = entry?;
-        let name = entry.file_name();
-        if name != c"." && name != c".." {
-            names.push(name.to_owned());
-        }
-    }
-    Ok(names)
 }
 
 /// [`list_dir`] with each entry's type as the directory itself records it (`d_type`), which
@@ -390,92 +296,8 @@ fn is_below(dir: BorrowedFd<'_>, ancestor: (u64, u64)) -> bool {
     false
 }
 
-fn is_temp_name(name: &CStr) -> bool {
-    name.to_bytes().starts_with(TEMP_PREFIX.as_bytes())
-}
-
-/// Owner change to apply, if any, given who we are (a non-root user can only change the group,
-/// to one of its own groups, of a file it owns).
-struct Ids {
-    euid: u32,
-    privileged: bool,
-    groups: Vec<u32>,
-}
-
-impl Ids {
-    fn current() -> Ids {
-        let euid = rustix::process::geteuid().as_raw();
-        let mut groups: Vec<u32> = rustix::process::getgroups()
-            .unwrap_or_default()
-            .into_iter()
-            .map(|g| g.as_raw())
-            .collect();
-        groups.push(rustix::process::getegid().as_raw());
-        Ids {
-            euid,
-            privileged: euid == 0,
-            groups,
-        }
-    }
-
-    fn change(&self, want: &Meta, have: &Meta) -> (Option<Uid>, Option<Gid>) {
-        let uid = (self.privileged && want.uid != have.uid).then(|| Uid::from_raw(want.uid));
-        let gid = (want.gid != have.gid
-            && (self.privileged || (have.uid == self.euid && self.groups.contains(&want.gid))))
-        .then(|| Gid::from_raw(want.gid));
-        (uid, gid)
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
-// Extended attributes: user.* and POSIX ACLs.
-
-type Xattrs = Vec<(CString, Vec<u8>)>;
-
-fn wanted_xattr(name: &[u8]) -> bool {
-    name.starts_with(b"user.")
-        || name == b"system.posix_acl_access"
-        || name == b"system.posix_acl_default"
-}
-
-fn is_user_xattr(name: &CStr) -> bool {
-    name.to_bytes().starts_with(b"user.")
-}
-
-#[derive(Clone, Copy)]
-enum XRef<'a> {
-    Fd(BorrowedFd<'a>),
-    /// A path whose last component is not followed (`l*xattr`).
-    Path(&'a CStr),
-}
-
-fn x_list(x: XRef<'_>, buf: &mut [u8]) -> rustix::io::Result<usize> {
-    match x {
-        XRef::Fd(fd) => rfs::flistxattr(fd, buf),
-        XRef::Path(p) => rfs::llistxattr(p, buf),
-    }
-}
-
-fn x_get(x: XRef<'_>, name: &CStr, buf: &mut [u8]) -> rustix::io::Result<usize> {
-    match x {
-        XRef::Fd(fd) => rfs::fgetxattr(fd, name, buf),
-        XRef::Path(p) => rfs::lgetxattr(p, name, buf),
-    }
-}
-
-fn x_set(x: XRef<'_>, name: &CStr, value: &[u8]) -> rustix::io::Result<()> {
-    match x {
-        XRef::Fd(fd) => rfs::fsetxattr(fd, name, value, XattrFlags::empty()),
-        XRef::Path(p) => rfs::lsetxattr(p, name, value, XattrFlags::empty()),
-    }
-}
-
-fn x_remove(x: XRef<'_>, name: &CStr) -> rustix::io::Result<()> {
-    match x {
-        XRef::Fd(fd) => rfs::fremovexattr(fd, name),
-        XRef::Path(p) => rfs::lremovexattr(p, name),
-    }
-}
+// Extended attributes: user.* and POSIX ACLs (reading and writing them: [`crate::fsio`]).
 
 /// `listxattrat(dir, name, AT_SYMLINK_NOFOLLOW, buf)` (Linux 6.13; rustix and libc do not wrap
 /// it yet): lists xattrs relative to a directory descriptor, without a path through /proc.
@@ -501,206 +323,6 @@ fn listxattrat(dir: BorrowedFd<'_>, name: &CStr, buf: &mut [u8]) -> rustix::io::
         return Err(Errno::from_raw_os_error(errno));
     }
     Ok(usize::try_from(r).unwrap_or(0))
-}
-
-/// Calls `f` with a buffer big enough for its result (query, allocate, retry on a race).
-fn with_sized_buf(
-    mut f: impl FnMut(&mut [u8]) -> rustix::io::Result<usize>,
-) -> rustix::io::Result<Vec<u8>> {
-    let mut small = [0u8; 512];
-    match f(&mut small) {
-        Ok(n) => return Ok(small[..n].to_vec()),
-        Err(Errno::RANGE) => {}
-        Err(e) => return Err(e),
-    }
-    for _ in 0..8 {
-        let need = f(&mut [])?;
-        let mut big = vec![0u8; need.max(1) * 2];
-        match f(&mut big) {
-            Ok(n) => {
-                big.truncate(n);
-                return Ok(big);
-            }
-            Err(Errno::RANGE) => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Err(Errno::RANGE)
-}
-
-/// The wanted xattrs of an entry, sorted by name. A filesystem without xattrs has none.
-fn read_xattrs(x: XRef<'_>) -> rustix::io::Result<Xattrs> {
-    let mut small = [0u8; 256];
-    let names = match x_list(x, &mut small) {
-        Ok(0) => return Ok(Vec::new()),
-        Ok(n) => small[..n].to_vec(),
-        Err(Errno::RANGE) => with_sized_buf(|b| x_list(x, b))?,
-        Err(Errno::NOTSUP) => return Ok(Vec::new()),
-        Err(e) => return Err(e),
-    };
-    let mut out = Vec::new();
-    for raw in names.split(|b| *b == 0) {
-        if raw.is_empty() || !wanted_xattr(raw) {
-            continue;
-        }
-        let Ok(name) = CString::new(raw) else {
-            continue;
-        };
-        match with_sized_buf(|b| x_get(x, &name, b)) {
-            Ok(v) => out.push((name, v)),
-            // Removed between list and get.
-            Err(Errno::NODATA) => {}
-            Err(e) => return Err(e),
-        }
-    }
-    out.sort();
-    Ok(out)
-}
-
-// ---------------------------------------------------------------------------------------------
-// Deleting trees without following symlinks.
-
-/// Removes `name` in `parent` and everything below it. Returns the number of entries removed.
-/// Directories without owner write/search permission are made writable first (we own them).
-fn remove_tree(parent: BorrowedFd<'_>, name: &CStr, buf: &mut Vec<u8>) -> rustix::io::Result<u64> {
-    match rfs::unlinkat(parent, name, AtFlags::empty()) {
-        Ok(()) => return Ok(1),
-        Err(Errno::NOENT) => return Ok(0),
-        Err(Errno::ISDIR) | Err(Errno::PERM) => {}
-        Err(e) => return Err(e),
-    }
-    let dir = match rfs::openat(parent, name, DIR_FLAGS, Mode::empty()) {
-        Ok(fd) => fd,
-        Err(Errno::ACCESS) => {
-            rfs::chmodat(parent, name, mode(0o700), AtFlags::empty())?;
-            rfs::openat(parent, name, DIR_FLAGS, Mode::empty())?
-        }
-        Err(Errno::NOENT) => return Ok(0),
-        Err(e) => return Err(e),
-    };
-    let m = fstat(dir.as_fd())?;
-    if m.perm & 0o300 != 0o300 {
-        rfs::fchmod(&dir, mode(m.perm | 0o700))?;
-    }
-    let mut count = 0;
-    for child in list_dir(dir.as_fd(), buf)? {
-        count += remove_tree(dir.as_fd(), &child, buf)?;
-    }
-    drop(dir);
-    match rfs::unlinkat(parent, name, AtFlags::REMOVEDIR) {
-        Ok(()) | Err(Errno::NOENT) => Ok(count + 1),
-        Err(e) => Err(e),
-    }
-}
-
-/// [`remove_tree`], making `parent` (ours) writable if needed; the caller restores its mode
-/// with the directory's metadata.
-fn remove_entry(parent: BorrowedFd<'_>, name: &CStr, buf: &mut Vec<u8>) -> rustix::io::Result<u64> {
-    match remove_tree(parent, name, buf) {
-        Err(Errno::ACCESS) => {
-            let m = fstat(parent)?;
-            rfs::fchmod(parent, mode(m.perm | 0o700))?;
-            remove_tree(parent, name, buf)
-        }
-        other => other,
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// File data.
-
-/// Copies bytes `[off, end)` from `src` to `dst` at the same offsets. Returns the bytes copied
-/// (fewer if the source shrank). `cfr` is cleared when copy_file_range cannot work for this pair
-/// of filesystems, so later files go straight to pread/pwrite.
-fn copy_range(
-    src: BorrowedFd<'_>,
-    dst: BorrowedFd<'_>,
-    mut off: u64,
-    end: u64,
-    cfr: &mut bool,
-    buf: &mut Vec<u8>,
-) -> Result<u64, (&'static str, Errno)> {
-    let start = off;
-    while off < end {
-        let want = usize::try_from(end - off)
-            .unwrap_or(usize::MAX)
-            .min(1 << 30);
-        if *cfr {
-            let (mut oi, mut oo) = (off, off);
-            match rfs::copy_file_range(src, Some(&mut oi), dst, Some(&mut oo), want) {
-                Ok(0) => break,
-                Ok(n) => {
-                    off += n as u64;
-                    continue;
-                }
-                Err(Errno::INTR) => continue,
-                Err(Errno::XDEV)
-                | Err(Errno::INVAL)
-                | Err(Errno::NOSYS)
-                | Err(Errno::OPNOTSUPP)
-                | Err(Errno::PERM) => *cfr = false,
-                Err(e) => return Err(("copy", e)),
-            }
-        }
-        if buf.len() < 256 * 1024 {
-            buf.resize(256 * 1024, 0);
-        }
-        let chunk = want.min(buf.len());
-        let n = match rustix::io::pread(src, &mut buf[..chunk], off) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(Errno::INTR) => continue,
-            Err(e) => return Err(("read", e)),
-        };
-        let mut done = 0;
-        while done < n {
-            match rustix::io::pwrite(dst, &buf[done..n], off + done as u64) {
-                Ok(w) => done += w,
-                Err(Errno::INTR) => continue,
-                Err(e) => return Err(("write", e)),
-            }
-        }
-        off += n as u64;
-    }
-    Ok(off - start)
-}
-
-/// Copies a whole file. Sparse files (fewer blocks than their size) keep their holes.
-fn copy_data(
-    src: BorrowedFd<'_>,
-    dst: BorrowedFd<'_>,
-    m: &Meta,
-    cfr: &mut bool,
-    buf: &mut Vec<u8>,
-) -> Result<u64, (&'static str, Errno)> {
-    if m.size == 0 {
-        return Ok(0);
-    }
-    if m.blocks.saturating_mul(512) >= m.size {
-        return copy_range(src, dst, 0, m.size, cfr, buf);
-    }
-    let mut total = 0;
-    let mut off = 0;
-    while off < m.size {
-        let data = match rfs::seek(src, rfs::SeekFrom::Data(off)) {
-            Ok(d) => d,
-            Err(Errno::NXIO) => break,
-            // No SEEK_DATA support: copy the rest as data.
-            Err(Errno::INVAL) => off,
-            Err(e) => return Err(("seek", e)),
-        };
-        let hole = match rfs::seek(src, rfs::SeekFrom::Hole(data)) {
-            Ok(h) => h.min(m.size),
-            Err(_) => m.size,
-        };
-        if hole <= data {
-            break;
-        }
-        total += copy_range(src, dst, data, hole, cfr, buf)?;
-        off = hole;
-    }
-    rfs::ftruncate(dst, m.size).map_err(|e| ("truncate", e))?;
-    Ok(total)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -757,10 +379,10 @@ impl XReader {
             }
         }
         match self.proc_path(dir, name) {
-            Some(p) => read_xattrs(XRef::Path(&p)),
+            Some(p) => read_xattrs(XRef::Path(&p), wanted_xattr),
             None => {
                 let fd = rfs::openat(dir, name, FILE_FLAGS, Mode::empty())?;
-                read_xattrs(XRef::Fd(fd.as_fd()))
+                read_xattrs(XRef::Fd(fd.as_fd()), wanted_xattr)
             }
         }
     }
@@ -1106,10 +728,6 @@ struct DeferredDir {
     rel: Vec<u8>,
     fd: Option<OwnedFd>,
 }
-
-/// Directory descriptors kept open for the deferred phases (well below the usual limit of
-/// 1024 open files; beyond it they are reopened by path).
-const MAX_KEPT_DIRS: usize = 256;
 
 struct DirJob {
     dir: usize,
@@ -1912,9 +1530,11 @@ impl<'a> Engine<'a> {
         if !cfr {
             self.no_cfr.insert(pair);
         }
-        let sx = read_xattrs(XRef::Fd(src.as_fd())).map_err(|e| ("listxattr", true, e))?;
+        let sx =
+            read_xattrs(XRef::Fd(src.as_fd()), wanted_xattr).map_err(|e| ("listxattr", true, e))?;
         // A new file can inherit a default ACL from its directory.
-        let dx = read_xattrs(XRef::Fd(out.as_fd())).map_err(|e| ("listxattr", false, e))?;
+        let dx = read_xattrs(XRef::Fd(out.as_fd()), wanted_xattr)
+            .map_err(|e| ("listxattr", false, e))?;
         if sx != dx {
             self.apply_xattrs(XRef::Fd(out.as_fd()), &sx, &dx)
                 .map_err(|e| ("setxattr", false, e))?;
@@ -2234,7 +1854,7 @@ impl<'a> Engine<'a> {
     /// Directory metadata after its children: now, or in phase 5 if renames or deletions in it
     /// are still pending (they would bump its mtime).
     fn finish_dir(&mut self, cd: &DirCtx<'_>, sm: &Meta) {
-        let sx = match read_xattrs(XRef::Fd(cd.src)) {
+        let sx = match read_xattrs(XRef::Fd(cd.src), wanted_xattr) {
             Ok(x) => x,
             Err(e) => {
                 self.fail(cerr("listxattr", self.src_path(None), e));
@@ -2270,7 +1890,7 @@ impl<'a> Engine<'a> {
     ) -> rustix::io::Result<bool> {
         let dm = fstat(dst)?;
         let mut changed = false;
-        let dx = read_xattrs(XRef::Fd(dst))?;
+        let dx = read_xattrs(XRef::Fd(dst), wanted_xattr)?;
         if !self.xattrs_equal(sx, &dx) {
             // Writing user xattrs needs write permission, even for the owner.
             if dm.perm & 0o200 == 0 {
@@ -2474,15 +2094,6 @@ fn walk_entry(
             walk(sub.as_fd(), path, buf, visit)
         }
     }
-}
-
-/// Test hook: `ASD_TEST_CRASH_AFTER_RENAMES=N` makes a durable run abort after N renames, so the
-/// crash tests can stop a resync exactly in the middle of putting files in place.
-fn crash_point() -> Option<usize> {
-    std::env::var("ASD_TEST_CRASH_AFTER_RENAMES")
-        .ok()?
-        .parse()
-        .ok()
 }
 
 /// Removes leftovers of interrupted copies below `root`: every entry whose name starts with
@@ -2743,7 +2354,8 @@ impl Cloner {
                 Err(x) => return Err(e("chown", x, &self.dst)),
             }
         }
-        let sx = read_xattrs(XRef::Fd(s)).map_err(|x| e("listxattr", x, &self.src))?;
+        let sx =
+            read_xattrs(XRef::Fd(s), wanted_xattr).map_err(|x| e("listxattr", x, &self.src))?;
         for (name, value) in &sx {
             match rfs::fsetxattr(d, name, value, XattrFlags::empty()) {
                 Ok(()) => {}
@@ -2759,6 +2371,7 @@ impl Cloner {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rustix::fs::{Timespec, Timestamps};
     use std::fs;
     use std::io::Write;
     use std::os::unix::fs::{MetadataExt, PermissionsExt};

@@ -6,6 +6,7 @@ pub mod config;
 pub mod copy;
 pub mod daemon;
 pub mod engine;
+pub(crate) mod fsio;
 pub mod mount;
 pub mod mountinfo;
 pub mod nsops;

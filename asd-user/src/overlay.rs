@@ -73,18 +73,20 @@
 //! made by asd (with the original's mode and owner), not copied up, so it never had them.
 
 use std::ffi::{CStr, CString, OsStr};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use rustix::fs::{
-    self as rfs, AtFlags, FileType, Gid, Mode, OFlags, RawDir, RenameFlags, Timespec, Timestamps,
-    Uid, XattrFlags,
-};
+use rustix::fs::{self as rfs, AtFlags, FileType, Mode, OFlags, RenameFlags, XattrFlags};
 use rustix::io::Errno;
 use tracing::{debug, warn};
 
 use crate::copy::{self, CopyError, CopyOptions, CopyStats, TEMP_PREFIX};
+use crate::fsio::{
+    chmod_nofollow, copy_data, crash_point, fstat, is_temp_name, is_user_xattr, list_dir, lstat_at,
+    mode, open_dir_at, read_xattrs, remove_entry, remove_tree, wanted_xattr, Ids, Meta, XRef,
+    Xattrs, DIR_FLAGS, FILE_FLAGS, MAX_KEPT_DIRS,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum OverlayError {
@@ -273,94 +275,17 @@ pub fn remove_temp_entries(root: &Path) -> Result<u64, OverlayError> {
 // ---------------------------------------------------------------------------------------------
 // Small helpers.
 
-const DIR_FLAGS: OFlags = OFlags::RDONLY
-    .union(OFlags::DIRECTORY)
-    .union(OFlags::NOFOLLOW)
-    .union(OFlags::CLOEXEC);
-/// NONBLOCK: a "regular file" swapped for a fifo must not block the open.
-const FILE_FLAGS: OFlags = OFlags::RDONLY
-    .union(OFlags::NOFOLLOW)
-    .union(OFlags::CLOEXEC)
-    .union(OFlags::NOCTTY)
-    .union(OFlags::NONBLOCK);
 const NEW_FILE_FLAGS: OFlags = OFlags::WRONLY
     .union(OFlags::CREATE)
     .union(OFlags::EXCL)
     .union(OFlags::NOFOLLOW)
     .union(OFlags::CLOEXEC);
-const PATH_FLAGS: OFlags = OFlags::PATH.union(OFlags::NOFOLLOW).union(OFlags::CLOEXEC);
 
 const OVL_PREFIX: &[u8] = b"user.overlay.";
 const OVL_OPAQUE: &[u8] = b"user.overlay.opaque";
 const OVL_WHITEOUT: &[u8] = b"user.overlay.whiteout";
 const OVL_METACOPY: &[u8] = b"user.overlay.metacopy";
 const OVL_REDIRECT: &[u8] = b"user.overlay.redirect";
-
-/// Directory descriptors kept open between the walk and the later phases; beyond this many
-/// they are reopened by path (well below the usual limit of 1024 open files).
-const MAX_KEPT_DIRS: usize = 256;
-
-/// The parts of `struct stat` used here, in fixed-width types.
-#[derive(Debug, Clone, Copy)]
-struct Meta {
-    kind: FileType,
-    perm: u32,
-    uid: u32,
-    gid: u32,
-    size: u64,
-    blocks: u64,
-    rdev: u64,
-    dev: u64,
-    ino: u64,
-    atime: (i64, i64),
-    mtime: (i64, i64),
-}
-
-impl Meta {
-    // The field types of `struct stat` differ between architectures; the casts are identities on
-    // some of them.
-    #[allow(clippy::unnecessary_cast, clippy::useless_conversion)]
-    fn from_stat(st: &rfs::Stat) -> Meta {
-        Meta {
-            kind: FileType::from_raw_mode(st.st_mode as u32),
-            perm: st.st_mode as u32 & 0o7777,
-            uid: st.st_uid as u32,
-            gid: st.st_gid as u32,
-            size: st.st_size as u64,
-            blocks: st.st_blocks as u64,
-            rdev: st.st_rdev as u64,
-            dev: st.st_dev as u64,
-            ino: st.st_ino as u64,
-            atime: (st.st_atime as i64, st.st_atime_nsec as i64),
-            mtime: (st.st_mtime as i64, st.st_mtime_nsec as i64),
-        }
-    }
-
-    fn times(&self) -> Timestamps {
-        Timestamps {
-            last_access: Timespec {
-                tv_sec: self.atime.0,
-                tv_nsec: self.atime.1,
-            },
-            last_modification: Timespec {
-                tv_sec: self.mtime.0,
-                tv_nsec: self.mtime.1,
-            },
-        }
-    }
-}
-
-fn lstat_at(dir: BorrowedFd<'_>, name: &CStr) -> rustix::io::Result<Meta> {
-    rfs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW).map(|st| Meta::from_stat(&st))
-}
-
-fn fstat(fd: BorrowedFd<'_>) -> rustix::io::Result<Meta> {
-    rfs::fstat(fd).map(|st| Meta::from_stat(&st))
-}
-
-fn mode(perm: u32) -> Mode {
-    Mode::from_raw_mode(perm)
-}
 
 fn join(base: &Path, name: &CStr) -> PathBuf {
     base.join(OsStr::from_bytes(name.to_bytes()))
@@ -373,10 +298,6 @@ fn join_opt(base: PathBuf, name: Option<&CStr>) -> PathBuf {
     }
 }
 
-fn is_temp_name(name: &CStr) -> bool {
-    name.to_bytes().starts_with(TEMP_PREFIX.as_bytes())
-}
-
 fn temp_name(seq: &mut u64) -> CString {
     *seq += 1;
     let s = format!("{TEMP_PREFIX}{}.o{}", std::process::id(), seq);
@@ -384,122 +305,16 @@ fn temp_name(seq: &mut u64) -> CString {
     CString::new(s).unwrap_or_else(|_| c".#asd-tmp.o".to_owned())
 }
 
-/// All names of a directory but `.` and `..`, read before anything in it changes.
-fn list_dir(fd: BorrowedFd<'_>, buf: &mut Vec<u8>) -> rustix::io::Result<Vec<CString>> {
-    if buf.capacity() < 64 * 1024 {
-        buf.reserve(64 * 1024);
-    }
-    let mut names = Vec::new();
-    let mut iter = RawDir::new(fd, buf.spare_capacity_mut());
-    while let Some(entry) = iter.next() {
-        let entry = entry?;
-        let name = entry.file_name();
-        if name != c"." && name != c".." {
-            names.push(name.to_owned());
-        }
-    }
-    Ok(names)
-}
-
-/// Opens directory `name` in `parent` (never a symlink). Our own directory without read or
-/// search permission is opened up first; the caller restores its mode afterwards.
-fn open_dir_at(parent: BorrowedFd<'_>, name: &CStr) -> rustix::io::Result<OwnedFd> {
-    match rfs::openat(parent, name, DIR_FLAGS, Mode::empty()) {
-        Err(Errno::ACCESS) => {
-            chmod_nofollow(parent, name, |m| m.perm | 0o700)?;
-            rfs::openat(parent, name, DIR_FLAGS, Mode::empty())
-        }
-        other => other,
-    }
-}
-
-/// chmod of `name` in `dir` (not a symlink) to `perm(its lstat)`, without following a symlink
-/// put there meanwhile: through an `O_PATH` descriptor (fchmod refuses those) and its /proc
-/// magic link, which resolves to the very inode opened.
-fn chmod_nofollow(
-    dir: BorrowedFd<'_>,
-    name: &CStr,
-    perm: impl FnOnce(&Meta) -> u32,
-) -> rustix::io::Result<()> {
-    let fd = rfs::openat(dir, name, PATH_FLAGS, Mode::empty())?;
-    let m = fstat(fd.as_fd())?;
-    if m.kind == FileType::Symlink {
-        return Err(Errno::LOOP);
-    }
-    let perm = mode(perm(&m));
-    let proc_path = format!("/proc/self/fd/{}", fd.as_raw_fd());
-    match rfs::chmod(proc_path.as_str(), perm) {
-        // No /proc (a chroot): by name, checked just above.
-        Err(Errno::NOENT) if !Path::new("/proc/self/fd").exists() => {
-            rfs::chmodat(dir, name, perm, AtFlags::empty())
-        }
-        other => other,
-    }
-}
-
-/// Removes `name` in `parent` and everything below it, without following symlinks. Our own
-/// directories without write or search permission are opened up first. Returns the number of
-/// entries removed.
-fn remove_tree(parent: BorrowedFd<'_>, name: &CStr, buf: &mut Vec<u8>) -> rustix::io::Result<u64> {
-    match rfs::unlinkat(parent, name, AtFlags::empty()) {
-        Ok(()) => return Ok(1),
-        Err(Errno::NOENT) => return Ok(0),
-        Err(Errno::ISDIR) | Err(Errno::PERM) => {}
-        Err(e) => return Err(e),
-    }
-    let dir = match open_dir_at(parent, name) {
-        Ok(fd) => fd,
-        Err(Errno::NOENT) => return Ok(0),
-        Err(e) => return Err(e),
-    };
-    let m = fstat(dir.as_fd())?;
-    if m.perm & 0o700 != 0o700 {
-        rfs::fchmod(&dir, mode(m.perm | 0o700))?;
-    }
-    let mut count = 0;
-    for child in list_dir(dir.as_fd(), buf)? {
-        count += remove_tree(dir.as_fd(), &child, buf)?;
-    }
-    drop(dir);
-    match rfs::unlinkat(parent, name, AtFlags::REMOVEDIR) {
-        Ok(()) | Err(Errno::NOENT) => Ok(count + 1),
-        Err(e) => Err(e),
-    }
-}
-
-/// [`remove_tree`], opening up `parent` (ours) if it lacks write permission; the caller restores
-/// its mode with the directory's metadata.
-fn remove_entry(parent: BorrowedFd<'_>, name: &CStr, buf: &mut Vec<u8>) -> rustix::io::Result<u64> {
-    match remove_tree(parent, name, buf) {
-        Err(Errno::ACCESS) => {
-            let m = fstat(parent)?;
-            rfs::fchmod(parent, mode(m.perm | 0o700))?;
-            remove_tree(parent, name, buf)
-        }
-        other => other,
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Extended attributes.
 
-type Xattrs = Vec<(CString, Vec<u8>)>;
-
-/// The xattrs apply writes to the original: user ones (but never overlayfs' own bookkeeping)
-/// and POSIX ACLs.
-fn wanted_xattr(name: &[u8]) -> bool {
-    (name.starts_with(b"user.") && !name.starts_with(OVL_PREFIX))
-        || name == b"system.posix_acl_access"
-        || name == b"system.posix_acl_default"
-}
-
-/// The xattrs read from `changes`: the wanted ones plus overlayfs' markers.
-fn readable_xattr(name: &[u8]) -> bool {
-    name.starts_with(b"user.") || wanted_xattr(name)
-}
-
-fn is_user_xattr(name: &[u8]) -> bool {
-    name.starts_with(b"user.")
+/// The xattrs apply writes to the original: those the copy engine copies ([`wanted_xattr`]: user
+/// ones and POSIX ACLs) but never `user.overlay.*`. Deliberately narrower than what is read from
+/// `changes` ([`wanted_xattr`], overlayfs' markers included): overlayfs' own bookkeeping, and
+/// the user's own `user.overlay.*` xattrs, would on the original be overlayfs metadata the next
+/// time it is mounted as a lower layer.
+fn applied_xattr(name: &[u8]) -> bool {
+    wanted_xattr(name) && !name.starts_with(OVL_PREFIX)
 }
 
 fn xattr_value<'x>(xs: &'x Xattrs, name: &[u8]) -> Option<&'x [u8]> {
@@ -508,71 +323,18 @@ fn xattr_value<'x>(xs: &'x Xattrs, name: &[u8]) -> Option<&'x [u8]> {
         .map(|(_, v)| v.as_slice())
 }
 
-/// Calls `f` with a buffer big enough for its result (query, allocate, retry on a race).
-fn with_sized_buf(
-    mut f: impl FnMut(&mut [u8]) -> rustix::io::Result<usize>,
-) -> rustix::io::Result<Vec<u8>> {
-    let mut small = [0u8; 256];
-    match f(&mut small) {
-        Ok(n) => return Ok(small[..n].to_vec()),
-        Err(Errno::RANGE) => {}
-        Err(e) => return Err(e),
-    }
-    for _ in 0..8 {
-        let need = f(&mut [])?;
-        let mut big = vec![0u8; need.max(1) * 2];
-        match f(&mut big) {
-            Ok(n) => {
-                big.truncate(n);
-                return Ok(big);
-            }
-            Err(Errno::RANGE) => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Err(Errno::RANGE)
-}
-
-/// The xattrs of an open file or directory whose names pass `keep`, sorted by name.
-fn read_xattrs(fd: BorrowedFd<'_>, keep: fn(&[u8]) -> bool) -> rustix::io::Result<Xattrs> {
-    let names = match with_sized_buf(|b| rfs::flistxattr(fd, b)) {
-        Ok(n) => n,
-        Err(Errno::NOTSUP) => return Ok(Vec::new()),
-        Err(e) => return Err(e),
-    };
-    let mut out = Vec::new();
-    for raw in names.split(|b| *b == 0) {
-        if raw.is_empty() || !keep(raw) {
-            continue;
-        }
-        let Ok(name) = CString::new(raw) else {
-            continue;
-        };
-        match with_sized_buf(|b| rfs::fgetxattr(fd, &name, b)) {
-            Ok(v) => out.push((name, v)),
-            // Removed between list and get.
-            Err(Errno::NODATA) => {}
-            Err(e) => return Err(e),
-        }
-    }
-    out.sort();
-    Ok(out)
-}
-
-/// Makes the wanted xattrs of `fd` equal to the wanted ones of `want`; with `additive`, xattrs
-/// `want` lacks are kept.
+/// Makes the applied xattrs ([`applied_xattr`]) of `fd` equal to the applied ones of `want`;
+/// with `additive`, xattrs `want` lacks are kept.
 fn sync_xattrs(fd: BorrowedFd<'_>, want: &Xattrs, additive: bool) -> rustix::io::Result<()> {
-    let have = read_xattrs(fd, wanted_xattr)?;
-    for (name, value) in want.iter().filter(|(n, _)| wanted_xattr(n.to_bytes())) {
+    let have = read_xattrs(XRef::Fd(fd), applied_xattr)?;
+    for (name, value) in want.iter().filter(|(n, _)| applied_xattr(n.to_bytes())) {
         if have.iter().any(|(n, v)| n == name && v == value) {
             continue;
         }
         match rfs::fsetxattr(fd, name, value, XattrFlags::empty()) {
             Ok(()) => {}
             // ACLs where the filesystem has none, or that we may not set: the data matters more.
-            Err(Errno::NOTSUP) | Err(Errno::PERM) | Err(Errno::INVAL)
-                if !is_user_xattr(name.to_bytes()) =>
-            {
+            Err(Errno::NOTSUP) | Err(Errno::PERM) | Err(Errno::INVAL) if !is_user_xattr(name) => {
                 debug!(?name, "could not set extended attribute");
             }
             Err(e) => return Err(e),
@@ -587,140 +349,11 @@ fn sync_xattrs(fd: BorrowedFd<'_>, want: &Xattrs, additive: bool) -> rustix::io:
         }
         match rfs::fremovexattr(fd, name) {
             Ok(()) | Err(Errno::NODATA) => {}
-            Err(Errno::NOTSUP) | Err(Errno::PERM) if !is_user_xattr(name.to_bytes()) => {}
+            Err(Errno::NOTSUP) | Err(Errno::PERM) if !is_user_xattr(name) => {}
             Err(e) => return Err(e),
         }
     }
     Ok(())
-}
-
-// ---------------------------------------------------------------------------------------------
-// Owners and file data.
-
-/// Which owner change we may make: root any; a plain user only the group, to one of its own
-/// groups, of a file it owns.
-struct Ids {
-    euid: u32,
-    privileged: bool,
-    groups: Vec<u32>,
-}
-
-impl Ids {
-    fn current() -> Ids {
-        let euid = rustix::process::geteuid().as_raw();
-        let mut groups: Vec<u32> = rustix::process::getgroups()
-            .unwrap_or_default()
-            .into_iter()
-            .map(|g| g.as_raw())
-            .collect();
-        groups.push(rustix::process::getegid().as_raw());
-        Ids {
-            euid,
-            privileged: euid == 0,
-            groups,
-        }
-    }
-
-    fn change(&self, want: &Meta, have: &Meta) -> (Option<Uid>, Option<Gid>) {
-        let uid = (self.privileged && want.uid != have.uid).then(|| Uid::from_raw(want.uid));
-        let gid = (want.gid != have.gid
-            && (self.privileged || (have.uid == self.euid && self.groups.contains(&want.gid))))
-        .then(|| Gid::from_raw(want.gid));
-        (uid, gid)
-    }
-}
-
-/// Copies bytes `[off, end)` from `src` to `dst` at the same offsets; returns the bytes copied.
-/// `cfr` is cleared when copy_file_range cannot work here (pread/pwrite from then on).
-fn copy_range(
-    src: BorrowedFd<'_>,
-    dst: BorrowedFd<'_>,
-    mut off: u64,
-    end: u64,
-    cfr: &mut bool,
-    buf: &mut Vec<u8>,
-) -> Result<u64, (&'static str, Errno)> {
-    let start = off;
-    while off < end {
-        let want = usize::try_from(end - off)
-            .unwrap_or(usize::MAX)
-            .min(1 << 30);
-        if *cfr {
-            let (mut oi, mut oo) = (off, off);
-            match rfs::copy_file_range(src, Some(&mut oi), dst, Some(&mut oo), want) {
-                Ok(0) => break,
-                Ok(n) => {
-                    off += n as u64;
-                    continue;
-                }
-                Err(Errno::INTR) => continue,
-                Err(Errno::XDEV)
-                | Err(Errno::INVAL)
-                | Err(Errno::NOSYS)
-                | Err(Errno::OPNOTSUPP)
-                | Err(Errno::PERM) => *cfr = false,
-                Err(e) => return Err(("copy", e)),
-            }
-        }
-        if buf.len() < 256 * 1024 {
-            buf.resize(256 * 1024, 0);
-        }
-        let chunk = want.min(buf.len());
-        let n = match rustix::io::pread(src, &mut buf[..chunk], off) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(Errno::INTR) => continue,
-            Err(e) => return Err(("read", e)),
-        };
-        let mut done = 0;
-        while done < n {
-            match rustix::io::pwrite(dst, &buf[done..n], off + done as u64) {
-                Ok(w) => done += w,
-                Err(Errno::INTR) => continue,
-                Err(e) => return Err(("write", e)),
-            }
-        }
-        off += n as u64;
-    }
-    Ok(off - start)
-}
-
-/// Copies a whole file; a sparse one (fewer blocks than its size) keeps its holes.
-fn copy_data(
-    src: BorrowedFd<'_>,
-    dst: BorrowedFd<'_>,
-    m: &Meta,
-    cfr: &mut bool,
-    buf: &mut Vec<u8>,
-) -> Result<u64, (&'static str, Errno)> {
-    if m.size == 0 {
-        return Ok(0);
-    }
-    if m.blocks.saturating_mul(512) >= m.size {
-        return copy_range(src, dst, 0, m.size, cfr, buf);
-    }
-    let mut total = 0;
-    let mut off = 0;
-    while off < m.size {
-        let data = match rfs::seek(src, rfs::SeekFrom::Data(off)) {
-            Ok(d) => d,
-            Err(Errno::NXIO) => break,
-            // No SEEK_DATA support: the rest is data.
-            Err(Errno::INVAL) => off,
-            Err(e) => return Err(("seek", e)),
-        };
-        let hole = match rfs::seek(src, rfs::SeekFrom::Hole(data)) {
-            Ok(h) => h.min(m.size),
-            Err(_) => m.size,
-        };
-        if hole <= data {
-            break;
-        }
-        total += copy_range(src, dst, data, hole, cfr, buf)?;
-        off = hole;
-    }
-    rfs::ftruncate(dst, m.size).map_err(|e| ("truncate", e))?;
-    Ok(total)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -785,6 +418,8 @@ struct Rename {
     to: CString,
 }
 
+/// Metadata to set on a merged directory in phase 5. Not shared with the copy engine's
+/// `DirJob`: that one indexes its own table of directories and has no `additive` root case.
 struct DirJob {
     slot: usize,
     meta: Meta,
@@ -881,7 +516,7 @@ impl Applier<'_> {
     // -- phase 1: the walk ----------------------------------------------------------------
 
     fn walk_root(&mut self, c: BorrowedFd<'_>, d: BorrowedFd<'_>, cm: &Meta) {
-        let xattrs = match read_xattrs(c, readable_xattr) {
+        let xattrs = match read_xattrs(XRef::Fd(c), wanted_xattr) {
             Ok(x) => x,
             Err(e) => {
                 self.fail(oerr("listxattr", self.src_path(None), e));
@@ -1046,7 +681,7 @@ impl Applier<'_> {
             self.stats.vanished += 1;
             return Ok(());
         }
-        let xattrs = read_xattrs(src.as_fd(), readable_xattr)
+        let xattrs = read_xattrs(XRef::Fd(src.as_fd()), wanted_xattr)
             .map_err(|e| oerr("listxattr", self.src_path(Some(name)), e))?;
         if sm.size == 0 && xattr_value(&xattrs, OVL_WHITEOUT).is_some() {
             self.whiteout(ctx, name);
@@ -1227,7 +862,7 @@ impl Applier<'_> {
                 return;
             }
         };
-        let xattrs = match read_xattrs(src.as_fd(), readable_xattr) {
+        let xattrs = match read_xattrs(XRef::Fd(src.as_fd()), wanted_xattr) {
             Ok(x) => x,
             Err(e) => {
                 self.fail(oerr("listxattr", self.src_path(Some(name)), e));
@@ -1480,16 +1115,6 @@ impl Applier<'_> {
             }
         }
     }
-}
-
-/// Test hook, the same as the copy engine's: `ASD_TEST_CRASH_AFTER_RENAMES=N` makes apply die
-/// like kill -9 after N of its renames and deletions (phases 3 and 4), so crash tests can stop
-/// it exactly in the middle of putting things in place.
-fn crash_point() -> Option<usize> {
-    std::env::var("ASD_TEST_CRASH_AFTER_RENAMES")
-        .ok()?
-        .parse()
-        .ok()
 }
 
 fn crash_check(crash_at: Option<usize>, done: &mut usize) {
