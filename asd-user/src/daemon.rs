@@ -79,6 +79,12 @@ pub fn run(engine: &Engine) -> Result<(), DaemonError> {
         Err(EngineError::Plan(crate::plan::PlanError::NoTargets(file))) => {
             return idle_without_targets(&set, &file);
         }
+        // Some targets failed but others are in RAM: keep serving those (their write-backs
+        // matter more than the exit status); the failure is logged and shown in the status.
+        Err(e @ EngineError::Partial { .. }) if has_live_targets(engine) => {
+            tracing::error!("{e}; carrying on with the targets that are in RAM");
+            crate::engine::Report::default()
+        }
         other => other?,
     };
     let interval = engine
@@ -160,4 +166,13 @@ fn idle_without_targets(
             _ => continue,
         }
     }
+}
+
+fn has_live_targets(engine: &Engine) -> bool {
+    engine
+        .runtime
+        .load()
+        .ok()
+        .flatten()
+        .is_some_and(|s| s.targets.iter().any(crate::recover::is_live))
 }

@@ -90,7 +90,7 @@ impl Engine<'_> {
         let _lock = self.runtime.lock(LOCK_WAIT)?;
         let mut report = Report::default();
         let previous = self.runtime.load()?;
-        let (cfg, mut state) = match previous {
+        let (mut cfg, mut state) = match previous {
             Some(prev) => {
                 if !prev.targets.is_empty() && prev.targets.iter().all(recover::is_live) {
                     report.already_running = true;
@@ -107,15 +107,33 @@ impl Engine<'_> {
         };
 
         // Targets the state knows but that are not intact: recover them from what was recorded.
+        // One that cannot be recovered stays recorded (and is retried next time); the others go
+        // on, so live targets keep being served.
+        let mut failed = 0;
+        let had_state = !state.targets.is_empty();
         for t in state.targets.clone() {
             if recover::is_live(&t) {
                 continue;
             }
-            let rec = recover::recover(self.mounter, &t, Some(t.stage), &state.config)
-                .map_err(|e| target_err(&t.paths.target, e))?;
-            report.recovered.push((t.paths.target.clone(), rec));
-            state.remove(&t.paths.target);
-            self.runtime.save(&state)?;
+            match recover::recover(self.mounter, &t, Some(t.stage), &state.config) {
+                Ok(rec) => {
+                    report.recovered.push((t.paths.target.clone(), rec));
+                    state.remove(&t.paths.target);
+                    self.runtime.save(&state)?;
+                }
+                Err(e) => {
+                    tracing::error!("{}: recovery failed: {e}", t.paths.target.display());
+                    failed += 1;
+                }
+            }
+        }
+        if had_state && state.targets.is_empty() {
+            // Everything of the previous run is back on disk: this is a fresh start, so the
+            // config file (perhaps edited meanwhile) applies again.
+            let (fresh, text) = self.load_config()?;
+            self.runtime.save_config_copy(&text)?;
+            state = State::new(&self.config_file, &fresh);
+            cfg = fresh;
         }
 
         let live: Vec<PathBuf> = state
@@ -126,13 +144,18 @@ impl Engine<'_> {
         let mut todo_cfg = cfg.clone();
         todo_cfg.whattosync.retain(|t| !live.contains(t));
         if todo_cfg.whattosync.is_empty() && !live.is_empty() {
-            report.already_running = true;
+            report.already_running = failed == 0;
+            if failed > 0 {
+                return Err(EngineError::Partial {
+                    failed,
+                    total: live.len(),
+                });
+            }
             return Ok(report);
         }
         let planned = plan::build(&todo_cfg, &self.config_file, false)?;
         self.runtime.save(&state)?;
 
-        let mut failed = 0;
         for p in &planned {
             let t = TargetState {
                 paths: p.paths.clone(),
@@ -280,6 +303,10 @@ impl Engine<'_> {
                 .map_err(oe)?;
             }
             Mode::Overlay => {
+                if !nsops::exists(&p.changes) {
+                    nsops::mkdir_owned(&p.changes, &t.owner)
+                        .map_err(|e| target_err(&p.target, e))?;
+                }
                 owner::run(
                     &t.owner,
                     &Job::MatchDirMeta {
@@ -328,7 +355,7 @@ impl Engine<'_> {
             },
             Mode::Overlay => Job::Persist {
                 upper: p.upper.clone(),
-                changes: p.changes.clone(),
+                changes: p.changes_state(),
             },
         };
         match owner::run(&t.owner, &job, None).map_err(|e| target_err(&p.target, e))? {
@@ -432,18 +459,28 @@ impl Engine<'_> {
     fn unsync_live(&self, t: &TargetState) -> Result<(), EngineError> {
         let p = &t.paths;
         let te = |e: MountError| target_err(&p.target, e);
+        // A full comparison first (it also repairs anything changed on the disk side behind
+        // our back); then the cover goes read-only and a quick pass catches what was written
+        // meanwhile; then the cover goes. Nothing is written back after the target shows the
+        // disk again, so nothing written there can be overwritten.
+        let started = crate::copy::Timestamp::now();
         self.write_back(t, &p.backup, None)?;
+        let frozen = self.mounter.freeze(t).map_err(te)?;
+        self.write_back(t, &p.backup, Some(started))?;
+        if !frozen {
+            tracing::debug!(
+                "{}: the cover stayed writable during the final write-back",
+                p.target.display()
+            );
+        }
         self.mounter.uncover(t).map_err(te)?;
-        // Catch what was written between the write-back and the unmount. The target path shows
-        // the original directory again (the helper may already have dropped the backup mount).
-        self.write_back(t, &p.target, None)?;
         if t.mode == Mode::Overlay {
             // The overlay must be gone before its upper layer is applied to the lower.
             self.mounter.release(t).map_err(te)?;
             owner::run(
                 &t.owner,
                 &Job::Apply {
-                    changes: p.changes.clone(),
+                    changes: p.changes_state(),
                     dst: p.target.clone(),
                 },
                 None,

@@ -69,6 +69,17 @@ pub fn mkdir_owned(path: &Path, owner: &Owner) -> Result<(), NsError> {
         Mode::empty(),
     )
     .map_err(err("open", path))?;
+    // The name could have been swapped for another directory between mkdir and open: give
+    // away only the empty directory we just made.
+    let st = rustix::fs::fstat(&fd).map_err(err("stat", path))?;
+    let empty = crate::mount::is_empty_dir(&fd, path).unwrap_or(false);
+    if st.st_uid != rustix::process::geteuid().as_raw() || !empty {
+        return Err(NsError {
+            op: "check new directory",
+            path: path.to_path_buf(),
+            source: std::io::Error::other("replaced while it was being created; try again"),
+        });
+    }
     chown_fd(&fd, owner, path)
 }
 

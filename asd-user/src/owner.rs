@@ -57,6 +57,11 @@ pub enum Job {
     Remove {
         path: PathBuf,
     },
+    /// Discard a RAM tree: first rename it to `<path>.asd-trash` (atomic), then remove that. A
+    /// crash midway never leaves a half-deleted tree under a name recovery would trust.
+    Discard {
+        path: PathBuf,
+    },
     /// Remove `path` and the empty directories inside it; anything non-empty stays.
     Prune {
         path: PathBuf,
@@ -143,8 +148,9 @@ fn run_in_worker(owner: &Owner, job: &Job, fd: Option<OwnedFd>) -> Result<Output
     let gid = owner.gid;
     let groups: Vec<libc::gid_t> = owner.groups.clone();
     let raw_fd = fd.as_ref().map(|f| f.as_raw_fd());
+    let parent = std::process::id() as libc::pid_t;
     // SAFETY: the closure runs in the forked child before exec and only makes async-signal-safe
-    // system calls (dup2, prctl, setgroups, setgid, setuid) on values computed before the fork; it
+    // system calls (dup2, prctl, setgroups, setgid, setuid, getppid) on values computed before the fork; it
     // allocates nothing.
     unsafe {
         cmd.pre_exec(move || {
@@ -153,16 +159,7 @@ fn run_in_worker(owner: &Owner, job: &Job, fd: Option<OwnedFd>) -> Result<Output
                     return Err(std::io::Error::last_os_error());
                 }
             }
-            // The worker must not outlive a manager that was killed, nor gain privileges.
-            if libc::prctl(
-                libc::PR_SET_PDEATHSIG,
-                libc::SIGKILL as libc::c_ulong,
-                0,
-                0,
-                0,
-            ) != 0
-                || libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as libc::c_ulong, 0, 0, 0) != 0
-            {
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as libc::c_ulong, 0, 0, 0) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             if libc::setgroups(groups.len(), groups.as_ptr()) != 0
@@ -170,6 +167,21 @@ fn run_in_worker(owner: &Owner, job: &Job, fd: Option<OwnedFd>) -> Result<Output
                 || libc::setuid(uid) != 0
             {
                 return Err(std::io::Error::last_os_error());
+            }
+            // After setuid: changing credentials resets the parent-death signal. The worker must
+            // not outlive a manager that was killed (the next command would run beside it).
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() != parent {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
             }
             // Refuse to go on if root could be regained.
             if libc::setuid(0) == 0 {
@@ -278,6 +290,7 @@ fn execute(job: &Job, fd: Option<OwnedFd>) -> Result<Output, String> {
         }
         Job::Empty { path } => empty_dir(path).map(|_| Output::Done),
         Job::Remove { path } => remove_tree(path).map(|_| Output::Done),
+        Job::Discard { path } => discard(path).map(|_| Output::Done),
         Job::Prune { path } => {
             prune(path);
             Ok(Output::Done)
@@ -299,7 +312,32 @@ fn execute(job: &Job, fd: Option<OwnedFd>) -> Result<Output, String> {
 }
 
 /// Remove the contents of `path` without following symlinks (remove_dir_all does not follow them).
+fn discard(path: &std::path::Path) -> Result<(), String> {
+    let mut trash = path.as_os_str().to_os_string();
+    trash.push(".asd-trash");
+    let trash = std::path::PathBuf::from(trash);
+    remove_tree(&trash)?;
+    match std::fs::rename(path, &trash) {
+        Ok(()) => {}
+        Err(x) if x.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(x) => return Err(format!("rename {} aside: {x}", path.display())),
+    }
+    remove_tree(&trash)
+}
+
 fn empty_dir(path: &std::path::Path) -> Result<(), String> {
+    // Never through a symlink planted at the path: only a real directory is emptied.
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => {
+            return Err(format!(
+                "{} is not a directory; leaving it alone",
+                path.display()
+            ))
+        }
+        Err(x) if x.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(x) => return Err(format!("stat {}: {x}", path.display())),
+    }
     let entries = match std::fs::read_dir(path) {
         Ok(e) => e,
         Err(x) if x.kind() == std::io::ErrorKind::NotFound => return Ok(()),

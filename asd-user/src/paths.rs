@@ -103,6 +103,13 @@ impl TargetPaths {
         s
     }
 
+    /// Overlay mode: the persisted change set inside the `changes` directory. The directory is
+    /// made by the manager (root may be the only one allowed to write the parent); the owner
+    /// switches `current` and its next version inside it.
+    pub fn changes_state(&self) -> PathBuf {
+        self.changes.join("current")
+    }
+
     /// The target's parent directory.
     pub fn parent(&self) -> &Path {
         self.target.parent().unwrap_or(Path::new("/"))

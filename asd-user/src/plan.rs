@@ -101,6 +101,13 @@ fn check_target(path: &Path) -> Result<std::fs::Metadata, PlanError> {
     if !path.is_absolute() || path.parent().is_none() {
         return Err(err("must be an absolute path below /"));
     }
+    // asd's names add up to ~60 bytes to the target's (".name-backup_asd-crashrecovery-
+    // YYYYMMDD_HHMMSS_N.tar.zstd.partial"); NAME_MAX is 255.
+    if path.file_name().is_some_and(|n| n.len() > 190) {
+        return Err(err(
+            "has a name longer than 190 bytes; asd's backup names would not fit",
+        ));
+    }
     let meta = match std::fs::symlink_metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {

@@ -143,7 +143,7 @@ pub fn recover(
             &t.owner,
             &Job::Persist {
                 upper: p.upper.clone(),
-                changes: p.changes.clone(),
+                changes: p.changes_state(),
             },
             None,
         )?;
@@ -183,11 +183,11 @@ pub fn recover(
         Output::Count(n) => n,
         _ => 0,
     };
-    if t.mode == Mode::Overlay && nsops::exists(&p.changes) {
+    if t.mode == Mode::Overlay && nsops::exists(&p.changes_state()) {
         owner::run(
             &t.owner,
             &Job::Apply {
-                changes: p.changes.clone(),
+                changes: p.changes_state(),
                 dst: p.target.clone(),
             },
             None,
@@ -239,16 +239,28 @@ pub fn take_snapshot(t: &TargetState, src: &Path) -> Result<std::path::PathBuf, 
 /// and (overlay) the persisted changes once applied. Each tree is emptied by its owner.
 pub fn cleanup(t: &TargetState) -> Result<(), RecoverError> {
     let p = &t.paths;
-    for dir in [&p.volatile, &p.upper, &p.work] {
-        if nsops::exists(dir) {
-            owner::run(&t.owner, &Job::Remove { path: dir.clone() }, None)?;
+    // The RAM copy and the upper layer are renamed aside before being deleted: recovery trusts
+    // them by name, and must never find a half-deleted one there.
+    for dir in [&p.volatile, &p.upper] {
+        let mut trash = dir.as_os_str().to_os_string();
+        trash.push(".asd-trash");
+        if nsops::exists(dir) || nsops::exists(std::path::Path::new(&trash)) {
+            owner::run(&t.owner, &Job::Discard { path: dir.clone() }, None)?;
         }
     }
-    // An interrupted overlay persist builds its next state beside the target under a temp name.
-    let mut next = std::ffi::OsString::from(crate::copy::TEMP_PREFIX);
-    next.push(p.changes.file_name().unwrap_or_default());
-    let changes_next = p.parent().join(next);
-    for dir in [&p.old_partial, &p.old, &p.changes, &changes_next] {
+    if nsops::exists(&p.work) {
+        // An overlay mounted by root leaves `work/work` root's and mode 0000: root removes that
+        // empty directory (through descriptors, no symlinks followed), the owner the rest.
+        let _ = nsops::rmdir(&p.work.join("work"));
+        owner::run(
+            &t.owner,
+            &Job::Remove {
+                path: p.work.clone(),
+            },
+            None,
+        )?;
+    }
+    for dir in [&p.old_partial, &p.old, &p.changes] {
         if nsops::exists(dir) {
             owner::run(&t.owner, &Job::Empty { path: dir.clone() }, None)?;
             nsops::rmdir(dir)?;

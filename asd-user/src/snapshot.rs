@@ -310,8 +310,21 @@ pub fn enforce_limit(
     let mut deleted = Vec::new();
     for (path, _) in list(parent, prefix)?.into_iter().skip(keep) {
         let res = match fs::symlink_metadata(&path) {
-            // std's remove_dir_all does not follow symlinks.
-            Ok(m) if m.is_dir() => fs::remove_dir_all(&path),
+            // An old-style snapshot directory is deleted only by its owner: root must not walk
+            // and delete a tree someone else could have put under that name. std's
+            // remove_dir_all does not follow symlinks.
+            Ok(m) if m.is_dir() => {
+                use std::os::unix::fs::MetadataExt;
+                if m.uid() != nix::unistd::geteuid().as_raw() {
+                    tracing::warn!(
+                        "{} belongs to uid {}: not deleted; remove it as that user",
+                        path.display(),
+                        m.uid()
+                    );
+                    continue;
+                }
+                fs::remove_dir_all(&path)
+            }
             Ok(_) => fs::remove_file(&path),
             Err(e) => Err(e),
         };

@@ -55,6 +55,12 @@ pub trait Mounter {
     fn mount_overlay(&self, t: &TargetState) -> Result<(), MountError>;
     /// Bind the volatile copy (or merged overlay view) over the target.
     fn cover(&self, t: &TargetState) -> Result<(), MountError>;
+    /// Make the cover read-only for the final write-back at unsync, so nothing written in the
+    /// meantime can be lost or overwritten. Best effort: `Ok(false)` when not possible (files
+    /// open for writing, or a mounter that cannot do it).
+    fn freeze(&self, _t: &TargetState) -> Result<bool, MountError> {
+        Ok(false)
+    }
     /// Remove the cover from the target; never lazily: a busy target stays covered.
     fn uncover(&self, t: &TargetState) -> Result<(), MountError>;
     /// Unmount the overlay and the backup bind, and remove the (empty) backup directory.
@@ -213,7 +219,7 @@ fn open_child_dir(parent_fd: &OwnedFd, name: &OsStr, path: &Path) -> Result<Owne
     })
 }
 
-fn is_empty_dir(fd: &OwnedFd, path: &Path) -> Result<bool, MountError> {
+pub(crate) fn is_empty_dir(fd: &OwnedFd, path: &Path) -> Result<bool, MountError> {
     let dup = rustix::io::dup(fd).map_err(sys("dup", path))?;
     let mut dir = rustix::fs::Dir::new(dup).map_err(sys("opendir", path))?;
     while let Some(entry) = dir.read() {
@@ -338,6 +344,14 @@ impl Mounter for InProcess {
         let created = mkdir_at(&parent_fd, name, st.st_mode & 0o7777, &p.backup)?;
         let backup_fd = open_child_dir(&parent_fd, name, &p.backup)?;
         if created {
+            // Give away only the empty directory we just made, not one swapped in meanwhile.
+            let st = fstat(&backup_fd, &p.backup)?;
+            if st.st_uid != 0 || !is_empty_dir(&backup_fd, &p.backup)? {
+                return Err(MountError::Refused {
+                    path: p.backup.clone(),
+                    reason: "was replaced while asd created it; try again".into(),
+                });
+            }
             rustix::fs::fchown(&backup_fd, Some(uid(t.owner.uid)), Some(gid(t.owner.gid)))
                 .map_err(sys("chown", &p.backup))?;
         } else if !is_empty_dir(&backup_fd, &p.backup)? {
@@ -355,6 +369,19 @@ impl Mounter for InProcess {
         }
         let p = &t.paths;
         let lower = open_owned_dir(&p.backup, &t.owner)?;
+        // The lower layer must be the bind of the target made a moment ago, not something the
+        // owner mounted on the backup path since (a FUSE lower copied up by root is the
+        // CVE-2023-0386 class): the same directory has the same device and inode.
+        let target_fd = open_owned_dir(&p.target, &t.owner)?;
+        let (a, b) = (fstat(&lower, &p.backup)?, fstat(&target_fd, &p.target)?);
+        if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino) {
+            return Err(MountError::Refused {
+                path: p.backup.clone(),
+                reason:
+                    "is no longer the bind of the target asd made; something else was mounted there"
+                        .into(),
+            });
+        }
         let upper = open_owned_dir(&p.upper, &t.owner)?;
         let work = open_owned_dir(&p.work, &t.owner)?;
         let merged = open_owned_dir(&p.volatile, &t.owner)?;
@@ -395,6 +422,56 @@ impl Mounter for InProcess {
         bind_fd(&src, &target, &p.volatile, &p.target)
     }
 
+    fn freeze(&self, t: &TargetState) -> Result<bool, MountError> {
+        let p = &t.paths;
+        let want = dev_of(&p.volatile);
+        let table = mountinfo::read().map_err(|source| MountError::Sys {
+            op: "read mountinfo",
+            path: p.target.clone(),
+            source,
+        })?;
+        let ours = mountinfo::mounts_at(&table, &p.target)
+            .last()
+            .is_some_and(|m| want.is_some_and(|w| m.dev == w));
+        if !ours {
+            return Ok(false);
+        }
+        // Without OPEN_TREE_CLONE this is the mount on the target itself (the cover).
+        let tree = rustix::mount::open_tree(
+            rustix::fs::CWD,
+            &p.target,
+            OpenTreeFlags::OPEN_TREE_CLOEXEC | OpenTreeFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .map_err(sys("open_tree", &p.target))?;
+        let attr = MountAttr {
+            attr_set: u64::from(MountAttrFlags::MOUNT_ATTR_RDONLY.bits()),
+            attr_clr: 0,
+            propagation: 0,
+            userns_fd: 0,
+        };
+        // SAFETY: as in `set_private`: a valid `struct mount_attr` and an empty path with
+        // AT_EMPTY_PATH on a descriptor we own.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_mount_setattr,
+                tree.as_raw_fd(),
+                c"".as_ptr(),
+                libc::AT_EMPTY_PATH as libc::c_uint,
+                &attr as *const MountAttr,
+                std::mem::size_of::<MountAttr>(),
+            )
+        };
+        if rc != 0 {
+            tracing::warn!(
+                "{}: could not make it read-only for the final write-back ({}); files are open for writing",
+                p.target.display(),
+                std::io::Error::last_os_error()
+            );
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
     fn uncover(&self, t: &TargetState) -> Result<(), MountError> {
         let p = &t.paths;
         let want = dev_of(&p.volatile);
@@ -409,9 +486,19 @@ impl Mounter for InProcess {
         if t.mode == Mode::Overlay {
             unmount_if(&p.volatile, |m| m.fs_type == "overlay")?;
         }
-        // The backup is a bind of the target's own filesystem: same device as the parent dir.
-        let parent_dev = p.target.parent().and_then(dev_of);
-        unmount_if(&p.backup, |m| Some(m.dev) == parent_dev)?;
+        // The backup is a bind of the target directory: once uncovered, the target's own mount
+        // tells which filesystem and which directory of it (mountinfo's root) that bind shows.
+        // (st_dev is no use here: on btrfs it names the subvolume, not the mount.)
+        let expected = mountinfo::read().ok().and_then(|table| {
+            let holder = mountinfo::containing(&table, &p.target)?;
+            let rel = p.target.strip_prefix(&holder.mount_point).ok()?;
+            Some((holder.dev, holder.root.join(rel)))
+        });
+        unmount_if(&p.backup, |m| {
+            expected
+                .as_ref()
+                .is_some_and(|(dev, root)| m.dev == *dev && m.root == *root)
+        })?;
         match std::fs::remove_dir(&p.backup) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
