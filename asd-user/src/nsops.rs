@@ -137,3 +137,46 @@ pub fn unlink(path: &Path) -> Result<(), NsError> {
 pub fn exists(path: &Path) -> bool {
     std::fs::symlink_metadata(path).is_ok()
 }
+
+/// Remove overlayfs's own `work/work` directory (root's, mode 0000, holding root's temporary
+/// whiteouts) when root mounted the overlay: the owner cannot. Only entries that root made in a
+/// directory only root can write are touched, so nothing the owner placed there can be.
+pub fn remove_overlay_workdir(work: &Path) -> Result<(), NsError> {
+    let inner = work.join("work");
+    let fd = match rustix::fs::openat2(
+        rustix::fs::CWD,
+        &inner,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+        rustix::fs::ResolveFlags::NO_SYMLINKS | rustix::fs::ResolveFlags::NO_MAGICLINKS,
+    ) {
+        Ok(fd) => fd,
+        Err(rustix::io::Errno::NOENT) => return Ok(()),
+        Err(e) => return Err(err("open", &inner)(e)),
+    };
+    let st = rustix::fs::fstat(&fd).map_err(err("stat", &inner))?;
+    if st.st_uid != 0 || rustix::process::geteuid().as_raw() != 0 {
+        return Ok(());
+    }
+    let dup = rustix::io::dup(&fd).map_err(err("dup", &inner))?;
+    let mut dir = rustix::fs::Dir::new(dup).map_err(err("opendir", &inner))?;
+    let mut names = Vec::new();
+    while let Some(entry) = dir.read() {
+        let entry = entry.map_err(err("readdir", &inner))?;
+        let name = entry.file_name();
+        if name.to_bytes() != b"." && name.to_bytes() != b".." {
+            names.push(name.to_owned());
+        }
+    }
+    for name in names {
+        match rustix::fs::unlinkat(&fd, name.as_c_str(), AtFlags::empty()) {
+            Ok(()) | Err(rustix::io::Errno::NOENT) => {}
+            Err(rustix::io::Errno::ISDIR) => {
+                let _ = rustix::fs::unlinkat(&fd, name.as_c_str(), AtFlags::REMOVEDIR);
+            }
+            Err(e) => return Err(err("remove", &inner)(e)),
+        }
+    }
+    drop(fd);
+    rmdir(&inner)
+}

@@ -251,7 +251,7 @@ pub fn cleanup(t: &TargetState) -> Result<(), RecoverError> {
     if nsops::exists(&p.work) {
         // An overlay mounted by root leaves `work/work` root's and mode 0000: root removes that
         // empty directory (through descriptors, no symlinks followed), the owner the rest.
-        let _ = nsops::rmdir(&p.work.join("work"));
+        nsops::remove_overlay_workdir(&p.work)?;
         owner::run(
             &t.owner,
             &Job::Remove {

@@ -414,3 +414,35 @@ fn power_cut_after_resync_keeps_its_data() {
     );
     ns.sh_ok(&format!("umount '{}'", mnt.display()));
 }
+
+/// Killed while cleaning up after the final write-back: the RAM copy was renamed aside and half
+/// deleted. The next start must not take that half copy for the newest data (which would delete
+/// the other half from disk).
+#[test]
+fn kill_during_cleanup_never_trusts_a_half_deleted_ram_copy() {
+    if !require_root() {
+        return;
+    }
+    let s = setup();
+    // What unsync has done when killed mid-cleanup: written back, unmounted, RAM copy renamed
+    // to its trash name and partly deleted; the state still says synced.
+    s.ns.sh_ok(&format!(
+        "umount '{t}' && umount '{b}' && mv '{v}' '{v}.asd-trash' && rm -rf '{v}.asd-trash/sub'",
+        t = s.target.display(),
+        b = s.paths.backup.display(),
+        v = s.paths.volatile.display()
+    ));
+    let out = s.ns.asd_ok(&["sync"]);
+    assert!(out.contains("recovered"), "{out}");
+    let vs = versions(&s.ns.inside(&s.paths.backup), &[2]);
+    assert!(
+        vs.iter().all(|v| *v == Some(2)),
+        "data of the completed write-back was deleted"
+    );
+    assert!(!s
+        .ns
+        .inside(&s.paths.volatile.with_extension("asd-trash"))
+        .exists());
+    s.ns.asd_ok(&["unsync"]);
+    assert!(versions(&s.target, &[2]).iter().all(|v| *v == Some(2)));
+}

@@ -201,3 +201,44 @@ fn overlay_kill_during_resync() {
         "a mix of two resyncs: {v1} old, {v2} new"
     );
 }
+
+/// Root mode, overlay, a target owned by a user in a root-owned parent: the change set is made
+/// by root for the owner, persisted and applied as the owner, and everything is cleaned up
+/// (overlayfs leaves a root-owned, mode 0000 `work/work` behind for root to remove).
+#[test]
+fn overlay_user_owned_target_in_root_owned_parent() {
+    if !require_root() {
+        return;
+    }
+    let (uid, _) = test_user("asdtest1");
+    let ns = Ns::new();
+    let t = ns.data().join("t");
+    ns.sh_ok(&format!(
+        "mkdir -p '{t}/d' && echo a > '{t}/d/a' && chown -R asdtest1: '{t}'",
+        t = t.display()
+    ));
+    ns.write_conf(&[&t], "USE_OVERLAYFS=yes");
+    ns.asd_ok(&["sync"]);
+    ns.sh_ok(&format!(
+        "su asdtest1 -s /bin/sh -c 'echo b > {t}/d/b && rm {t}/d/a'",
+        t = t.display()
+    ));
+    ns.asd_ok(&["resync"]);
+    let p = asd::paths::TargetPaths::new(&t, "asdtest1", &ns.vol()).expect("paths");
+    let owners = ns.sh_ok(&format!(
+        "find '{}' -printf '%U\\n' | sort -u",
+        p.changes.display()
+    ));
+    assert_eq!(
+        owners.trim(),
+        uid.to_string(),
+        "the change set is the owner's"
+    );
+    ns.asd_ok(&["unsync"]);
+    assert!(ns.our_mounts().is_empty());
+    assert_eq!(std::fs::read_to_string(t.join("d/b")).expect("b"), "b\n");
+    assert!(!t.join("d/a").exists());
+    for left in [&p.changes, &p.backup, &p.user_area] {
+        assert!(!ns.inside(left).exists(), "{} left behind", left.display());
+    }
+}
