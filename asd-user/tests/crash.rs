@@ -355,9 +355,23 @@ impl Drop for Writeback {
 /// with background writeback off, so the copy holds only what was made durable.
 #[test]
 fn power_cut_after_resync_keeps_its_data() {
+    power_cut("");
+}
+
+/// The same in overlay mode: the persisted change set must survive, and recovery applies it.
+#[test]
+fn power_cut_after_overlay_resync_keeps_its_data() {
+    power_cut("USE_OVERLAYFS=yes");
+}
+
+fn power_cut(extra: &str) {
     if !require_root() {
         return;
     }
+    // The writeback sysctls are global: one power cut at a time, or one test's restore would
+    // switch writeback back on under the other.
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let ns = Ns::new();
     let img = ns.root.join("disk.img");
     let mnt = ns.root.join("disk");
@@ -371,7 +385,7 @@ fn power_cut_after_resync_keeps_its_data() {
     std::fs::create_dir(ns.inside(&target)).expect("mkdir");
     write_version(&ns, &target, 1);
     ns.sh_ok("sync");
-    ns.write_conf(&[&target], "");
+    ns.write_conf(&[&target], extra);
     ns.asd_ok(&["sync"]);
     let cut = ns.root.join("cut.img");
     {
