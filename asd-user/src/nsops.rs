@@ -142,6 +142,11 @@ pub fn exists(path: &Path) -> bool {
 /// whiteouts) when root mounted the overlay: the owner cannot. Only entries that root made in a
 /// directory only root can write are touched, so nothing the owner placed there can be.
 pub fn remove_overlay_workdir(work: &Path) -> Result<(), NsError> {
+    // Only root's own overlays leave a root-owned work/work; a user's (made by the helper with
+    // the user's credentials) is the user's, and the owner's removal opens it up itself.
+    if rustix::process::geteuid().as_raw() != 0 {
+        return Ok(());
+    }
     let inner = work.join("work");
     let fd = match rustix::fs::openat2(
         rustix::fs::CWD,
@@ -155,7 +160,7 @@ pub fn remove_overlay_workdir(work: &Path) -> Result<(), NsError> {
         Err(e) => return Err(err("open", &inner)(e)),
     };
     let st = rustix::fs::fstat(&fd).map_err(err("stat", &inner))?;
-    if st.st_uid != 0 || rustix::process::geteuid().as_raw() != 0 {
+    if st.st_uid != 0 {
         return Ok(());
     }
     let dup = rustix::io::dup(&fd).map_err(err("dup", &inner))?;
