@@ -104,6 +104,27 @@ struct MountAttr {
     userns_fd: u64,
 }
 
+/// mount_setattr(2) on the mount open as `fd` (not wrapped by rustix 1.x).
+fn mount_setattr(fd: &OwnedFd, attr: &MountAttr) -> std::io::Result<()> {
+    // SAFETY: mount_setattr reads `size_of::<MountAttr>()` bytes from a valid, live struct laid out
+    // as the kernel's `struct mount_attr` (MOUNT_ATTR_SIZE_VER0 = 32 bytes); the path is a valid
+    // NUL-terminated empty string used with AT_EMPTY_PATH on an fd we own.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH as libc::c_uint,
+            attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Make a detached mount private (so later mounts on the target do not propagate into it, nor it
 /// into its origin's peers) and apply `attrs`, before it is attached anywhere.
 fn set_private(tree: &OwnedFd, attrs: MountAttrFlags, path: &Path) -> Result<(), MountError> {
@@ -113,27 +134,11 @@ fn set_private(tree: &OwnedFd, attrs: MountAttrFlags, path: &Path) -> Result<(),
         propagation: libc::MS_PRIVATE,
         userns_fd: 0,
     };
-    // SAFETY: mount_setattr reads `size_of::<MountAttr>()` bytes from a valid, live struct laid out
-    // as the kernel's `struct mount_attr` (MOUNT_ATTR_SIZE_VER0 = 32 bytes); the path is a valid
-    // NUL-terminated empty string used with AT_EMPTY_PATH on an fd we own.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_mount_setattr,
-            tree.as_raw_fd(),
-            c"".as_ptr(),
-            libc::AT_EMPTY_PATH as libc::c_uint,
-            &attr as *const MountAttr,
-            std::mem::size_of::<MountAttr>(),
-        )
-    };
-    if rc != 0 {
-        return Err(MountError::Sys {
-            op: "mount_setattr",
-            path: path.to_path_buf(),
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    Ok(())
+    mount_setattr(tree, &attr).map_err(|source| MountError::Sys {
+        op: "mount_setattr",
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Bind the directory open as `src` onto the directory open as `dst`: a private, non-recursive
@@ -449,23 +454,10 @@ impl Mounter for InProcess {
             propagation: 0,
             userns_fd: 0,
         };
-        // SAFETY: as in `set_private`: a valid `struct mount_attr` and an empty path with
-        // AT_EMPTY_PATH on a descriptor we own.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_mount_setattr,
-                tree.as_raw_fd(),
-                c"".as_ptr(),
-                libc::AT_EMPTY_PATH as libc::c_uint,
-                &attr as *const MountAttr,
-                std::mem::size_of::<MountAttr>(),
-            )
-        };
-        if rc != 0 {
+        if let Err(e) = mount_setattr(&tree, &attr) {
             tracing::warn!(
-                "{}: could not make it read-only for the final write-back ({}); files are open for writing",
-                p.target.display(),
-                std::io::Error::last_os_error()
+                "{}: could not make it read-only for the final write-back ({e}); files are open for writing",
+                p.target.display()
             );
             return Ok(false);
         }
