@@ -153,6 +153,10 @@ fn main() -> anyhow::Result<()> {
     // Everything the helper creates for a caller gets exactly the mode it asks for.
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
 
+    // Before any thread exists, and before the socket accepts a first connection: drop every
+    // capability we do not need (binding the socket and the records need none of them).
+    caps::drop_all_but_needed()?;
+
     let (listener, activated) = match (&args.socket, systemd_socket()?) {
         (Some(path), _) => (bind_socket(path)?, false),
         (None, Some(l)) => (l, true),
@@ -162,8 +166,6 @@ fn main() -> anyhow::Result<()> {
     let store = records::Store::open(&args.state_dir)
         .with_context(|| format!("state dir {}", args.state_dir.display()))?;
 
-    // Before any thread exists: drop every capability we do not need.
-    caps::drop_all_but_needed()?;
     tracing::info!(
         "asd-helper {} serving (effective capabilities: {:?}; permitted adds CAP_DAC_OVERRIDE, raised only to create an overlay)",
         env!("CARGO_PKG_VERSION"),

@@ -314,6 +314,9 @@ fn keeps_only_the_capabilities_it_needs() {
         return;
     }
     let h = Helper::start();
+    // The socket accepts connections only after the drop; a served call shows it is serving.
+    let alice = user("alice");
+    h.ok(&alice, "ListMounts", json!({}));
     let status = std::fs::read_to_string(format!("/proc/{}/status", h.helper_pid())).unwrap();
     let field = |name: &str| {
         status
