@@ -495,14 +495,39 @@ impl Untouched {
     pub fn take(h: &Helper, dirs: &[&Path]) -> Untouched {
         Untouched {
             mounts: h.mount_points(),
-            dirs: dirs.iter().map(|d| (d.to_path_buf(), listing(d))).collect(),
+            dirs: dirs
+                .iter()
+                .map(|d| (d.to_path_buf(), listing_but_other_tests(d)))
+                .collect(),
         }
     }
 
     pub fn check(&self, h: &Helper) {
         assert_eq!(h.mount_points(), self.mounts, "mounts changed");
         for (d, before) in &self.dirs {
-            assert_eq!(&listing(d), before, "entries of {} changed", d.display());
+            assert_eq!(
+                &listing_but_other_tests(d),
+                before,
+                "entries of {} changed",
+                d.display()
+            );
         }
     }
+}
+
+/// The entries of `dir` except the scratch directories that tests running in parallel in this
+/// process make and remove there (names from [`unique`]): they share homes and /srv with the
+/// attack under test, and their comings and goings are not its doing. Anything the helper
+/// could make (a backup dir `.NAME-backup_asd`, an area `asd-USER`) does not have that shape.
+fn listing_but_other_tests(dir: &Path) -> Vec<String> {
+    let tag = format!("-{}-", std::process::id());
+    listing(dir)
+        .into_iter()
+        .filter(|name| {
+            let Some((_, counter)) = name.rsplit_once(&tag) else {
+                return true;
+            };
+            counter.is_empty() || !counter.bytes().all(|b| b.is_ascii_digit())
+        })
+        .collect()
 }
