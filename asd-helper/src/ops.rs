@@ -15,8 +15,8 @@ use std::sync::{Arc, Mutex};
 
 use asd_protocol::method::to_parameters;
 use asd_protocol::{
-    AreaReply, BackupReply, CoverReply, DetachReply, Info, Method, Mode, MountEntry, MountList,
-    OverlayReply, ServiceError,
+    AreaReply, BackupReply, CoverReply, DetachReply, FreezeReply, Info, Method, Mode, MountEntry,
+    MountList, OverlayReply, ServiceError,
 };
 use rustix::fs::{Access, AtFlags, Mode as FsMode};
 use rustix::io::Errno;
@@ -1022,6 +1022,40 @@ impl Ctx {
                     unmounted: out.unmounted,
                     removed: out.removed,
                 }))
+            }
+            Method::Freeze { target, frozen } => {
+                let target = paths::normalized(&target)?;
+                let m = rec
+                    .find(&target)
+                    .cloned()
+                    .ok_or_else(|| ServiceError::NotMounted {
+                        target: display(&target),
+                    })?;
+                let Some(mid) = m.cover_mount else {
+                    return Err(ServiceError::WrongState {
+                        target: display(&target),
+                        reason: "not covered".into(),
+                    });
+                };
+                let now = creds
+                    .run(move |c| -> Result<bool, ServiceError> {
+                        let fd = find_mount(&m.target, mid)?.ok_or_else(|| {
+                            ServiceError::WrongState {
+                                target: display(&m.target),
+                                reason: "the cover is gone".into(),
+                            }
+                        })?;
+                        match c.as_root(|| sys::set_read_only(&fd, frozen)) {
+                            Ok(Ok(())) => Ok(frozen),
+                            // Files open for writing: it stays writable; the manager copes.
+                            Ok(Err(Errno::BUSY)) if frozen => Ok(false),
+                            Ok(Err(e)) => Err(sys_err("mount_setattr", &m.target, e)),
+                            Err(e) => Err(io_err("switch identity", e)),
+                        }
+                    })
+                    .await
+                    .map_err(worker)??;
+                Ok(to_parameters(&FreezeReply { frozen: now }))
             }
             Method::ListMounts => Ok(to_parameters(&MountList {
                 area: rec.area.as_ref().map(|a| display(&a.path)),

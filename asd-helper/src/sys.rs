@@ -127,19 +127,11 @@ struct MountAttr {
     userns_fd: u64,
 }
 
-/// `mount_setattr(fd, "", AT_EMPTY_PATH)`: sets nosuid,nodev and private propagation on the one
-/// mount `fd` refers to (not recursive).
-pub fn make_private_nosuid_nodev(fd: impl AsFd) -> Result<(), Errno> {
-    let attr = MountAttr {
-        attr_set: u64::from(
-            (MountAttrFlags::MOUNT_ATTR_NOSUID | MountAttrFlags::MOUNT_ATTR_NODEV).bits(),
-        ),
-        attr_clr: 0,
-        propagation: MS_PRIVATE,
-        userns_fd: 0,
-    };
+/// `mount_setattr(fd, "", AT_EMPTY_PATH, attr)`: changes the one mount `fd` refers to (not
+/// recursive).
+fn mount_setattr(fd: impl AsFd, attr: &MountAttr) -> Result<(), Errno> {
     let empty = c"";
-    // SAFETY: mount_setattr reads `size_of::<MountAttr>()` bytes from `&attr`, a live, properly
+    // SAFETY: mount_setattr reads `size_of::<MountAttr>()` bytes from `attr`, a live, properly
     // laid out `struct mount_attr` (MOUNT_ATTR_SIZE_VER0 = 32 bytes); `empty` is a valid C string
     // and the descriptor is borrowed for the duration of the call.
     let ret = unsafe {
@@ -148,7 +140,7 @@ pub fn make_private_nosuid_nodev(fd: impl AsFd) -> Result<(), Errno> {
             fd.as_fd().as_raw_fd(),
             empty.as_ptr(),
             libc::AT_EMPTY_PATH as libc::c_uint,
-            &attr as *const MountAttr,
+            attr as *const MountAttr,
             std::mem::size_of::<MountAttr>(),
         )
     };
@@ -157,6 +149,37 @@ pub fn make_private_nosuid_nodev(fd: impl AsFd) -> Result<(), Errno> {
     } else {
         Err(Errno::from_io_error(&io::Error::last_os_error()).unwrap_or(Errno::IO))
     }
+}
+
+/// Sets nosuid,nodev and private propagation on the one mount `fd` refers to.
+pub fn make_private_nosuid_nodev(fd: impl AsFd) -> Result<(), Errno> {
+    mount_setattr(
+        fd,
+        &MountAttr {
+            attr_set: u64::from(
+                (MountAttrFlags::MOUNT_ATTR_NOSUID | MountAttrFlags::MOUNT_ATTR_NODEV).bits(),
+            ),
+            attr_clr: 0,
+            propagation: MS_PRIVATE,
+            userns_fd: 0,
+        },
+    )
+}
+
+/// Makes the one mount `fd` refers to read-only, or writable again. Making it read-only fails
+/// with `EBUSY` while files are open for writing on it.
+pub fn set_read_only(fd: impl AsFd, read_only: bool) -> Result<(), Errno> {
+    let rdonly = u64::from(MountAttrFlags::MOUNT_ATTR_RDONLY.bits());
+    let (attr_set, attr_clr) = if read_only { (rdonly, 0) } else { (0, rdonly) };
+    mount_setattr(
+        fd,
+        &MountAttr {
+            attr_set,
+            attr_clr,
+            propagation: 0,
+            userns_fd: 0,
+        },
+    )
 }
 
 /// Clones the single mount at `source` (not recursive), makes the clone private, nosuid and

@@ -309,6 +309,99 @@ fn a_restarted_helper_still_knows_what_it_mounted() {
 }
 
 #[test]
+fn freeze_makes_the_cover_read_only_for_its_owner_only() {
+    if !root_or_skip("freeze_makes_the_cover_read_only_for_its_owner_only") {
+        return;
+    }
+    let alice = user("alice");
+    let bob = user("bob");
+    let h = Helper::start();
+    let vol = volatile();
+    let scratch = Scratch::new(&alice, "freeze");
+    let target = dir_of(&alice, &scratch.path.join("data"));
+    let t = target.to_str().unwrap();
+    h.ok(&alice, "PrepareArea", json!({"volatile": vol.path}));
+    h.ok(&bob, "PrepareArea", json!({"volatile": vol.path}));
+    h.ok(&alice, "BindBackup", json!({"target": t, "mode": "copy"}));
+    let vcopy = format!("{}/asd-alice{t}", vol.path.display());
+    let out = h.sh_as(&alice, &format!("mkdir -p {vcopy}"));
+    assert!(out.status.success(), "{out:?}");
+    // Nothing to freeze before the cover; bob has no such target; a string is not a bool.
+    h.err(
+        &alice,
+        "Freeze",
+        json!({"target": t, "frozen": true}),
+        "WrongState",
+    );
+    h.ok(&alice, "Cover", json!({"target": t, "mode": "copy"}));
+    h.err(
+        &bob,
+        "Freeze",
+        json!({"target": t, "frozen": true}),
+        "NotMounted",
+    );
+    h.err(
+        &alice,
+        "Freeze",
+        json!({"target": t, "frozen": "yes"}),
+        "org.varlink.service.InvalidParameter",
+    );
+    let write = |name: &str| h.sh_as(&alice, &format!("echo x > {t}/{name}"));
+    assert!(write("before").status.success());
+
+    let r = h.ok(&alice, "Freeze", json!({"target": t, "frozen": true}));
+    assert_eq!(r["frozen"], true);
+    let out = write("during");
+    assert!(!out.status.success(), "a write went through a frozen cover");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Read-only file system"),
+        "{out:?}"
+    );
+    let cover = h
+        .mounts_under(&scratch.path)
+        .into_iter()
+        .find(|l| l.split(' ').nth(4) == Some(t))
+        .expect("the cover is mounted");
+    assert!(mount_line_has(&cover, "ro"), "{cover}");
+    // The volatile copy itself, and the backup, stay as they were.
+    assert!(h
+        .sh_as(&alice, &format!("echo x > {vcopy}/direct"))
+        .status
+        .success());
+
+    let r = h.ok(&alice, "Freeze", json!({"target": t, "frozen": false}));
+    assert_eq!(r["frozen"], false);
+    assert!(write("after").status.success());
+
+    // A file open for writing on the cover: it stays writable, and says so.
+    let held = std::fs::OpenOptions::new()
+        .append(true)
+        .open(h.inside(&target).join("after"))
+        .unwrap();
+    let r = h.ok(&alice, "Freeze", json!({"target": t, "frozen": true}));
+    assert_eq!(r["frozen"], false);
+    assert!(write("still").status.success());
+    drop(held);
+
+    // A frozen cover comes down like any other.
+    assert_eq!(
+        h.ok(&alice, "Freeze", json!({"target": t, "frozen": true}))["frozen"],
+        true
+    );
+    let r = h.ok(&alice, "Detach", json!({"target": t}));
+    assert_eq!(r["unmounted"].as_array().unwrap().len(), 2);
+    assert!(h.mounts_under(&scratch.path).is_empty());
+    let log = h.log_text();
+    assert!(
+        log.contains(&format!(
+            "uid={} method=Freeze target={t:?} result=ok",
+            alice.uid
+        )),
+        "{log}"
+    );
+}
+
+#[test]
 fn keeps_only_the_capabilities_it_needs() {
     if !root_or_skip("keeps_only_the_capabilities_it_needs") {
         return;

@@ -466,7 +466,18 @@ impl Engine<'_> {
         let started = crate::copy::Timestamp::now();
         self.write_back(t, &p.backup, None)?;
         let frozen = self.mounter.freeze(t).map_err(te)?;
-        self.write_back(t, &p.backup, Some(started))?;
+        if let Err(e) = self.write_back(t, &p.backup, Some(started)) {
+            // The target stays in RAM: it must stay writable for its programs.
+            if frozen {
+                if let Err(thaw) = self.mounter.thaw(t) {
+                    tracing::error!(
+                        "{}: the cover stays read-only after a failed write-back ({thaw}); `asd unsync` again once the cause is fixed",
+                        p.target.display()
+                    );
+                }
+            }
+            return Err(e);
+        }
         if !frozen {
             tracing::debug!(
                 "{}: the cover stayed writable during the final write-back",

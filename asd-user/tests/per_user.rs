@@ -15,6 +15,8 @@ struct World {
     ns: Ns,
     helper: Child,
     socket: PathBuf,
+    /// The helper's decision log (stderr).
+    log: PathBuf,
 }
 
 impl World {
@@ -30,11 +32,14 @@ impl World {
         let ns = Ns::new();
         let socket = ns.root.join("helper.sock");
         let state = ns.root.join("helper-state");
+        let log = ns.root.join("helper.log");
+        let log_file = std::fs::File::create(&log).expect("helper log");
         let helper = ns
             .cmd(helper_bin().to_str().expect("utf-8 path"))
             .arg("--socket")
             .arg(&socket)
             .env("ASD_HELPER_STATE_DIR", &state)
+            .stderr(log_file)
             .spawn()
             .expect("start asd-helper");
         for _ in 0..200 {
@@ -44,7 +49,12 @@ impl World {
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
         assert!(socket.exists(), "the helper did not create its socket");
-        Some(World { ns, helper, socket })
+        Some(World {
+            ns,
+            helper,
+            socket,
+            log,
+        })
     }
 
     /// A fresh target `~/<name>` of `user` with a few files, and the user's config for it.
@@ -156,6 +166,15 @@ fn alice_syncs_her_home_dir_through_the_helper() {
     assert_eq!(m.uid(), uid);
     w.asd_as_ok("asdalice", &conf, &["unsync"]);
     assert!(w.ns.our_mounts().is_empty(), "{:?}", w.ns.our_mounts());
+    // The last write-back ran behind a read-only cover, made so by the helper.
+    let log = std::fs::read_to_string(&w.log).expect("helper log");
+    assert!(
+        log.contains(&format!(
+            "uid={uid} method=Freeze target={:?} result=ok",
+            target.to_str().expect("utf-8")
+        )),
+        "{log}"
+    );
     let mounted_home: Vec<String> =
         std::fs::read_to_string(format!("/proc/{}/mountinfo", w.ns.pid))
             .expect("mountinfo")

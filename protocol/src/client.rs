@@ -22,8 +22,8 @@ use crate::error::ServiceError;
 use crate::frame::{encode, FrameDecoder, FrameError};
 use crate::message::{Call, Reply};
 use crate::method::{
-    AreaReply, BackupReply, CoverReply, DetachReply, Info, InterfaceDescription, Method, Mode,
-    MountList, OverlayReply,
+    AreaReply, BackupReply, CoverReply, DetachReply, FreezeReply, Info, InterfaceDescription,
+    Method, Mode, MountList, OverlayReply,
 };
 
 /// Largest reply the client accepts (replies are small; a list of mounts is the biggest).
@@ -221,6 +221,16 @@ impl Client {
         decode(self.call(Method::Detach {
             target: path_str(target)?,
         })?)
+    }
+
+    /// Makes the cover of `target` read-only (`frozen`) or writable again; returns whether it is
+    /// read-only now (making it so fails softly while files are open for writing on it).
+    pub fn freeze(&mut self, target: &Path, frozen: bool) -> Result<bool, ClientError> {
+        let r: FreezeReply = decode(self.call(Method::Freeze {
+            target: path_str(target)?,
+            frozen,
+        })?)?;
+        Ok(r.frozen)
     }
 
     /// The caller's area and mounts.

@@ -54,6 +54,7 @@ pub enum Method {
     MountOverlay { target: String },
     Cover { target: String, mode: Mode },
     Detach { target: String },
+    Freeze { target: String, frozen: bool },
     ListMounts,
 }
 
@@ -67,6 +68,15 @@ impl<'a> Params<'a> {
     fn string(&self, key: &str) -> Result<String, ServiceError> {
         match self.map.get(key) {
             Some(Value::String(s)) => Ok(s.clone()),
+            _ => Err(ServiceError::InvalidParameter {
+                parameter: key.to_string(),
+            }),
+        }
+    }
+
+    fn boolean(&self, key: &str) -> Result<bool, ServiceError> {
+        match self.map.get(key) {
+            Some(Value::Bool(b)) => Ok(*b),
             _ => Err(ServiceError::InvalidParameter {
                 parameter: key.to_string(),
             }),
@@ -98,6 +108,7 @@ impl Method {
             Method::MountOverlay { .. } => "MountOverlay",
             Method::Cover { .. } => "Cover",
             Method::Detach { .. } => "Detach",
+            Method::Freeze { .. } => "Freeze",
             Method::ListMounts => "ListMounts",
         }
     }
@@ -118,7 +129,8 @@ impl Method {
             Method::BindBackup { target, .. }
             | Method::MountOverlay { target }
             | Method::Cover { target, .. }
-            | Method::Detach { target } => Some(target),
+            | Method::Detach { target }
+            | Method::Freeze { target, .. } => Some(target),
             Method::GetInterfaceDescription { interface } => Some(interface),
             Method::GetInfo | Method::ListMounts => None,
         }
@@ -138,6 +150,10 @@ impl Method {
                 put("mode", mode.as_str());
             }
             Method::MountOverlay { target } | Method::Detach { target } => put("target", target),
+            Method::Freeze { target, frozen } => {
+                put("target", target);
+                m.insert("frozen".to_string(), Value::Bool(*frozen));
+            }
         }
         m
     }
@@ -199,6 +215,13 @@ impl Method {
                 p.only(&["target"])?;
                 Method::Detach {
                     target: p.string("target")?,
+                }
+            }
+            (HELPER_INTERFACE, "Freeze") => {
+                p.only(&["target", "frozen"])?;
+                Method::Freeze {
+                    target: p.string("target")?,
+                    frozen: p.boolean("frozen")?,
                 }
             }
             (HELPER_INTERFACE, "ListMounts") => {
@@ -269,6 +292,12 @@ pub struct DetachReply {
     pub removed: Vec<String>,
 }
 
+/// Reply of `Freeze`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FreezeReply {
+    pub frozen: bool,
+}
+
 /// One target mounted for the caller (the IDL's `Mount`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MountEntry {
@@ -333,6 +362,14 @@ mod tests {
             },
             Method::Detach {
                 target: "/home/a/x".into(),
+            },
+            Method::Freeze {
+                target: "/home/a/x".into(),
+                frozen: true,
+            },
+            Method::Freeze {
+                target: "/home/a/x".into(),
+                frozen: false,
             },
             Method::ListMounts,
         ];
@@ -406,6 +443,20 @@ mod tests {
                 parameter: "backup".into()
             }
         );
+        assert_eq!(
+            e(
+                json!({"method": "io.asd.Helper.Freeze", "parameters": {"target": "/x", "frozen": "yes"}})
+            ),
+            ServiceError::InvalidParameter {
+                parameter: "frozen".into()
+            }
+        );
+        assert_eq!(
+            e(json!({"method": "io.asd.Helper.Freeze", "parameters": {"target": "/x"}})),
+            ServiceError::InvalidParameter {
+                parameter: "frozen".into()
+            }
+        );
     }
 
     #[test]
@@ -416,6 +467,7 @@ mod tests {
             "MountOverlay",
             "Cover",
             "Detach",
+            "Freeze",
             "ListMounts",
         ] {
             assert!(crate::HELPER_IDL.contains(&format!("\nmethod {name}(")));

@@ -61,6 +61,11 @@ pub trait Mounter {
     fn freeze(&self, _t: &TargetState) -> Result<bool, MountError> {
         Ok(false)
     }
+    /// Make a frozen cover writable again (the final write-back failed; the target stays in
+    /// RAM and must keep working).
+    fn thaw(&self, _t: &TargetState) -> Result<(), MountError> {
+        Ok(())
+    }
     /// Remove the cover from the target; never lazily: a busy target stays covered.
     fn uncover(&self, t: &TargetState) -> Result<(), MountError>;
     /// Unmount the overlay and the backup bind, and remove the (empty) backup directory.
@@ -296,6 +301,54 @@ pub fn overlay_supported() -> bool {
     has()
 }
 
+/// Makes our cover on the target read-only or writable again. `Ok(false)` when it is not our
+/// cover, or (making it read-only) while files are open for writing on it.
+fn set_cover_read_only(t: &TargetState, read_only: bool) -> Result<bool, MountError> {
+    let p = &t.paths;
+    let want = dev_of(&p.volatile);
+    let table = mountinfo::read().map_err(|source| MountError::Sys {
+        op: "read mountinfo",
+        path: p.target.clone(),
+        source,
+    })?;
+    let ours = mountinfo::mounts_at(&table, &p.target)
+        .last()
+        .is_some_and(|m| want.is_some_and(|w| m.dev == w));
+    if !ours {
+        return Ok(false);
+    }
+    // Without OPEN_TREE_CLONE this is the mount on the target itself (the cover).
+    let tree = rustix::mount::open_tree(
+        rustix::fs::CWD,
+        &p.target,
+        OpenTreeFlags::OPEN_TREE_CLOEXEC | OpenTreeFlags::AT_SYMLINK_NOFOLLOW,
+    )
+    .map_err(sys("open_tree", &p.target))?;
+    let rdonly = u64::from(MountAttrFlags::MOUNT_ATTR_RDONLY.bits());
+    let (attr_set, attr_clr) = if read_only { (rdonly, 0) } else { (0, rdonly) };
+    let attr = MountAttr {
+        attr_set,
+        attr_clr,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    match mount_setattr(&tree, &attr) {
+        Ok(()) => Ok(true),
+        Err(e) if read_only => {
+            tracing::warn!(
+                "{}: could not make it read-only for the final write-back ({e}); files are open for writing",
+                p.target.display()
+            );
+            Ok(false)
+        }
+        Err(source) => Err(MountError::Sys {
+            op: "mount_setattr",
+            path: p.target.clone(),
+            source,
+        }),
+    }
+}
+
 impl Mounter for InProcess {
     fn prepare_area(&self, volatile: &Path, area: &Path, owner: &Owner) -> Result<(), MountError> {
         let vol_fd = open_dir(volatile)?;
@@ -428,40 +481,11 @@ impl Mounter for InProcess {
     }
 
     fn freeze(&self, t: &TargetState) -> Result<bool, MountError> {
-        let p = &t.paths;
-        let want = dev_of(&p.volatile);
-        let table = mountinfo::read().map_err(|source| MountError::Sys {
-            op: "read mountinfo",
-            path: p.target.clone(),
-            source,
-        })?;
-        let ours = mountinfo::mounts_at(&table, &p.target)
-            .last()
-            .is_some_and(|m| want.is_some_and(|w| m.dev == w));
-        if !ours {
-            return Ok(false);
-        }
-        // Without OPEN_TREE_CLONE this is the mount on the target itself (the cover).
-        let tree = rustix::mount::open_tree(
-            rustix::fs::CWD,
-            &p.target,
-            OpenTreeFlags::OPEN_TREE_CLOEXEC | OpenTreeFlags::AT_SYMLINK_NOFOLLOW,
-        )
-        .map_err(sys("open_tree", &p.target))?;
-        let attr = MountAttr {
-            attr_set: u64::from(MountAttrFlags::MOUNT_ATTR_RDONLY.bits()),
-            attr_clr: 0,
-            propagation: 0,
-            userns_fd: 0,
-        };
-        if let Err(e) = mount_setattr(&tree, &attr) {
-            tracing::warn!(
-                "{}: could not make it read-only for the final write-back ({e}); files are open for writing",
-                p.target.display()
-            );
-            return Ok(false);
-        }
-        Ok(true)
+        set_cover_read_only(t, true)
+    }
+
+    fn thaw(&self, t: &TargetState) -> Result<(), MountError> {
+        set_cover_read_only(t, false).map(|_| ())
     }
 
     fn uncover(&self, t: &TargetState) -> Result<(), MountError> {

@@ -125,6 +125,21 @@ impl Mounter for ViaHelper {
             .map(|_| ())
     }
 
+    fn freeze(&self, t: &TargetState) -> Result<bool, MountError> {
+        let frozen = self.call(|c| c.freeze(&t.paths.target, true))?;
+        if !frozen {
+            tracing::warn!(
+                "{}: could not make it read-only for the final write-back; files are open for writing",
+                t.paths.target.display()
+            );
+        }
+        Ok(frozen)
+    }
+
+    fn thaw(&self, t: &TargetState) -> Result<(), MountError> {
+        self.call(|c| c.freeze(&t.paths.target, false)).map(|_| ())
+    }
+
     /// The helper takes a target apart in one step (cover, overlay, backup).
     fn uncover(&self, t: &TargetState) -> Result<(), MountError> {
         self.detach(&t.paths.target)
