@@ -25,11 +25,36 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 echo "== test users"
-# Created up front (idempotently) so parallel tests never race on useradd.
-for u in asdtest1 asdalice asdbob; do
+# Created up front (idempotently) so parallel tests never race on useradd; homes enterable by
+# the other test users (Ubuntu's useradd makes them 0750).
+for u in asdtest1 asdalice asdbob alice bob; do
   id "$u" >/dev/null 2>&1 || useradd -m -s /bin/sh "$u"
-  mkdir -p "/home/$u" && chown "$u:" "/home/$u"
+  home=$(getent passwd "$u" | cut -d: -f6)
+  mkdir -p "$home" && chown "$u:" "$home" && chmod 0755 "$home"
 done
+
+# The tests run asd, the helper's client and test binaries as those users: the build must be
+# reachable by them. A checkout under a private home (/root is 0700) builds elsewhere.
+if ! setpriv --reuid nobody --regid nogroup --clear-groups test -x "$PWD" 2>/dev/null; then
+  export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/cache/asd-test-target}
+  mkdir -p "$CARGO_TARGET_DIR" && chmod 0755 "$CARGO_TARGET_DIR"
+  echo "== $PWD is private to root: building in $CARGO_TARGET_DIR"
+fi
+
+# The independent varlink client (PyPI `varlink`) for the protocol test, in a venv of its own
+# when the system Python lacks it (pip may not install into a distribution's Python).
+if ! python3 -c 'import varlink' 2>/dev/null; then
+  venv=/var/cache/asd-test-venv
+  if ! "$venv/bin/python3" -c 'import varlink' 2>/dev/null; then
+    echo "== installing the PyPI varlink client into $venv"
+    python3 -m venv "$venv" 2>/dev/null || {
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+      python3 -m venv "$venv"
+    }
+    "$venv/bin/python3" -m pip install --quiet varlink
+  fi
+  export ASD_TEST_PYTHON="$venv/bin/python3"
+fi
 
 echo "== format and lint"
 cargo fmt --all -- --check

@@ -313,9 +313,7 @@ fn execute(job: &Job, fd: Option<OwnedFd>) -> Result<Output, String> {
 
 /// Remove the contents of `path` without following symlinks (remove_dir_all does not follow them).
 fn discard(path: &std::path::Path) -> Result<(), String> {
-    let mut trash = path.as_os_str().to_os_string();
-    trash.push(".asd-trash");
-    let trash = std::path::PathBuf::from(trash);
+    let trash = crate::paths::trash(path);
     remove_tree(&trash)?;
     match std::fs::rename(path, &trash) {
         Ok(()) => {}

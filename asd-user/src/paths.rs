@@ -53,6 +53,12 @@ fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(s)
 }
 
+/// The name a directory is renamed to before it is deleted (`X` → `X.asd-trash`): a deletion
+/// cut short never leaves part of a tree under a name that recovery would use.
+pub fn trash(path: &Path) -> PathBuf {
+    with_suffix(path, ".asd-trash")
+}
+
 /// Joins an absolute path below `base` (`/tmp/asd-u` + `/p/name` → `/tmp/asd-u/p/name`).
 pub fn nest(base: &Path, absolute: &Path) -> PathBuf {
     let rel = absolute.strip_prefix("/").unwrap_or(absolute);

@@ -14,7 +14,7 @@ use crate::mount::{MountError, Mounter};
 use crate::mountinfo;
 use crate::nsops;
 use crate::owner::{self, Job, Output};
-use crate::paths::TargetPaths;
+use crate::paths::{self, TargetPaths};
 use crate::snapshot;
 use crate::state::{Mode, Stage, TargetState};
 
@@ -105,6 +105,9 @@ pub fn recover(
         || nsops::exists(&p.backup)
         || nsops::exists(&p.old)
         || nsops::exists(&p.old_partial)
+        || [&p.old, &p.old_partial, &p.changes]
+            .iter()
+            .any(|d| nsops::exists(&paths::trash(d)))
         || volatile_exists
         || (t.mode == Mode::Overlay && (nsops::exists(&p.upper) || nsops::exists(&p.changes)))
         || stage.is_some();
@@ -242,9 +245,7 @@ pub fn cleanup(t: &TargetState) -> Result<(), RecoverError> {
     // The RAM copy and the upper layer are renamed aside before being deleted: recovery trusts
     // them by name, and must never find a half-deleted one there.
     for dir in [&p.volatile, &p.upper] {
-        let mut trash = dir.as_os_str().to_os_string();
-        trash.push(".asd-trash");
-        if nsops::exists(dir) || nsops::exists(std::path::Path::new(&trash)) {
+        if nsops::exists(dir) || nsops::exists(&paths::trash(dir)) {
             owner::run(&t.owner, &Job::Discard { path: dir.clone() }, None)?;
         }
     }
@@ -260,11 +261,34 @@ pub fn cleanup(t: &TargetState) -> Result<(), RecoverError> {
             None,
         )?;
     }
+    // The start clone and the overlay's change set are renamed aside too: a half-emptied change
+    // set would be applied by the next recovery (an opaque directory without part of its
+    // entries deletes them from the target), a half-emptied clone snapshotted as the start state.
     for dir in [&p.old_partial, &p.old, &p.changes] {
+        let trash = paths::trash(dir);
         if nsops::exists(dir) {
-            owner::run(&t.owner, &Job::Empty { path: dir.clone() }, None)?;
-            nsops::rmdir(dir)?;
+            if nsops::exists(&trash) {
+                remove_trash(t, &trash)?;
+            }
+            nsops::rename(dir, &trash)?;
+        }
+        if nsops::exists(&trash) {
+            remove_trash(t, &trash)?;
         }
     }
+    Ok(())
+}
+
+/// Deletes a directory renamed aside by [`cleanup`]: its contents as the owner, then the
+/// directory itself in the parent (which may be root's).
+fn remove_trash(t: &TargetState, trash: &Path) -> Result<(), RecoverError> {
+    owner::run(
+        &t.owner,
+        &Job::Empty {
+            path: trash.to_path_buf(),
+        },
+        None,
+    )?;
+    nsops::rmdir(trash)?;
     Ok(())
 }

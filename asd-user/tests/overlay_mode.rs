@@ -157,6 +157,50 @@ fn overlay_crash_recovery_applies_persisted_changes() {
     assert_eq!(diff, "", "the snapshot holds the start state");
 }
 
+/// A kill while unsync deletes the change set it has just applied: the set is renamed aside
+/// first, so a half-deleted one (here: its files gone, its opaque directories and whiteouts
+/// left) is never applied by the next start, which would empty the recreated directory `a/b`
+/// in the target; it is removed instead.
+#[test]
+fn overlay_kill_during_cleanup_never_applies_a_half_deleted_change_set() {
+    if !require_root() {
+        return;
+    }
+    let c = start();
+    c.ns.asd_ok(&["sync"]);
+    change_both(&c);
+    c.ns.asd_ok(&["resync"]);
+    let saved = c.ns.root.join("changes-saved");
+    c.ns.sh_ok(&format!(
+        "cp -a --preserve=all '{}' '{}'",
+        c.p.changes.display(),
+        saved.display()
+    ));
+    c.ns.asd_ok(&["unsync"]);
+    assert_eq!(c.ns.tree_diff(&c.target, &c.expected), "");
+    // What a kill during the deletion leaves, and no runtime state (a reboot).
+    let trash = asd::paths::trash(&c.p.changes);
+    c.ns.sh_ok(&format!(
+        "mv '{}' '{}' && find '{}' -type f -delete && getfattr -R -d -m - '{}' | grep -q opaque",
+        saved.display(),
+        trash.display(),
+        trash.display(),
+        trash.display()
+    ));
+    let _ = std::fs::remove_dir_all(c.ns.run_dir());
+    c.ns.asd_ok(&["sync"]);
+    assert!(
+        !trash.exists(),
+        "the half-deleted change set was left behind"
+    );
+    c.ns.asd_ok(&["unsync"]);
+    assert_eq!(
+        c.ns.tree_diff(&c.target, &c.expected),
+        "",
+        "a half-deleted change set was applied"
+    );
+}
+
 /// A kill in the middle of a resync with many changes: nothing of the last completed resync is
 /// lost, and every file is whole.
 #[test]

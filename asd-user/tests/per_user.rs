@@ -34,21 +34,35 @@ impl World {
         let state = ns.root.join("helper-state");
         let log = ns.root.join("helper.log");
         let log_file = std::fs::File::create(&log).expect("helper log");
-        let helper = ns
+        let mut helper = ns
             .cmd(helper_bin().to_str().expect("utf-8 path"))
             .arg("--socket")
             .arg(&socket)
             .env("ASD_HELPER_STATE_DIR", &state)
+            // No system bus here: the helper's rule without polkit (targets in the caller's
+            // home only) applies, whatever a polkitd on the host would say.
+            .env(
+                "DBUS_SYSTEM_BUS_ADDRESS",
+                "unix:path=/nonexistent/asd-test-no-bus",
+            )
             .stderr(log_file)
             .spawn()
             .expect("start asd-helper");
-        for _ in 0..200 {
-            if socket.exists() {
-                break;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            if let Ok(Some(status)) = helper.try_wait() {
+                panic!(
+                    "asd-helper exited ({status}):\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
             }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the helper did not listen on {} within 30 s",
+                socket.display()
+            );
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        assert!(socket.exists(), "the helper did not create its socket");
         Some(World {
             ns,
             helper,

@@ -85,15 +85,20 @@ pub struct User {
     pub home: PathBuf,
 }
 
-/// The user `name`, created (`useradd -m`) if missing.
+/// The user `name`, created (`useradd -m`) if missing (tests/run.sh creates them up front), with
+/// a home the other test users can enter (as on Debian; Ubuntu's useradd makes it 0750).
 pub fn user(name: &str) -> User {
+    // Tests of this binary run in parallel: one useradd at a time, or a second one could fail
+    // on the passwd lock or give the user a second uid.
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let lookup = || nix::unistd::User::from_name(name).ok().flatten();
     if lookup().is_none() {
-        // Another test process may be creating it at the same moment: re-check after.
         let _ = Command::new("useradd").args(["-m", name]).output();
     }
     let u = lookup().unwrap_or_else(|| panic!("cannot create user {name}"));
     std::fs::create_dir_all(&u.dir).ok();
+    let _ = std::fs::set_permissions(&u.dir, std::fs::Permissions::from_mode(0o755));
     User {
         name: name.to_string(),
         uid: u.uid.as_raw(),
@@ -281,6 +286,12 @@ impl Helper {
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
+        // Limits and paths from the environment the tests run in must not change what they test.
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("ASD_HELPER_") {
+                cmd.env_remove(k);
+            }
+        }
         for (k, v) in &self.opts.env {
             cmd.env(k, v);
         }
@@ -288,7 +299,9 @@ impl Helper {
         self.helper = Some(cmd.spawn().expect("start asd-helper"));
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if UnixStream::connect(&self.sock).is_ok() {
+            let world = std::fs::symlink_metadata(&self.sock)
+                .is_ok_and(|m| m.permissions().mode() & 0o777 == 0o666);
+            if world && UnixStream::connect(&self.sock).is_ok() {
                 break;
             }
             if let Some(Some(st)) = self.helper.as_mut().map(|c| c.try_wait().ok().flatten()) {
@@ -473,6 +486,8 @@ pub fn read_reply(s: &mut UnixStream) -> Option<Value> {
             Ok(0) => return None,
             Ok(_) if byte[0] == 0 => break,
             Ok(_) => buf.push(byte[0]),
+            // The helper closed while our bytes were still unread: closed all the same.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return None,
             Err(e) => panic!("reading a reply: {e}"),
         }
     }
@@ -524,10 +539,14 @@ fn listing_but_other_tests(dir: &Path) -> Vec<String> {
     listing(dir)
         .into_iter()
         .filter(|name| {
-            let Some((_, counter)) = name.rsplit_once(&tag) else {
+            let Some((_, counter)) = name.split_once(&tag) else {
                 return true;
             };
-            counter.is_empty() || !counter.bytes().all(|b| b.is_ascii_digit())
+            // `NAME-PID-N` itself, or what a parallel test's own sync made of it
+            // (`.NAME-PID-N-backup_asd`).
+            let digits = counter.bytes().take_while(u8::is_ascii_digit).count();
+            let rest = &counter[digits..];
+            digits == 0 || !(rest.is_empty() || rest.starts_with('-'))
         })
         .collect()
 }

@@ -59,14 +59,20 @@ impl Ns {
             .spawn()
             .expect("unshare");
         let pid = holder.id();
-        // Wait until the holder runs in its own namespace.
-        for _ in 0..200 {
+        // Wait until the holder runs in its own namespace: every command after this enters it,
+        // and one that ran in the host's namespace would mount there.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
             let mine = std::fs::read_link("/proc/self/ns/mnt").ok();
             let theirs = std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok();
             let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
             if theirs.is_some() && theirs != mine && exe.is_some_and(|e| e.ends_with("sleep")) {
                 break;
             }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "unshare did not enter a new mount namespace within 30 s"
+            );
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
         let ns = Ns {
@@ -242,6 +248,8 @@ pub fn test_user(name: &str) -> (u32, u32) {
         .arg(format!("{name}:"))
         .arg(&home)
         .status();
+    // Enterable by the other test users, as on Debian (Ubuntu's useradd makes it 0750).
+    let _ = std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o755));
     let out = Command::new("id").args(["-u", name]).output().expect("id");
     let uid: u32 = String::from_utf8_lossy(&out.stdout)
         .trim()
