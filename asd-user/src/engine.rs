@@ -115,7 +115,8 @@ impl Engine<'_> {
             if recover::is_live(&t) {
                 continue;
             }
-            match recover::recover(self.mounter, &t, Some(t.stage), &state.config) {
+            let mut snap = t.crash_snapshot.clone();
+            match recover::recover(self.mounter, &t, Some(t.stage), &state.config, &mut snap) {
                 Ok(rec) => {
                     report.recovered.push((t.paths.target.clone(), rec));
                     state.remove(&t.paths.target);
@@ -123,6 +124,7 @@ impl Engine<'_> {
                 }
                 Err(e) => {
                     tracing::error!("{}: recovery failed: {e}", t.paths.target.display());
+                    self.remember_snapshot(&mut state, &t, snap)?;
                     failed += 1;
                 }
             }
@@ -163,13 +165,25 @@ impl Engine<'_> {
                 mode: p.mode,
                 stage: Stage::Syncing,
                 clean_since: None,
+                crash_snapshot: None,
             };
             // Leftovers on disk without any state: a reboot after a crash.
-            match recover::recover(self.mounter, &t, None, &cfg) {
+            let mut snap = None;
+            match recover::recover(self.mounter, &t, None, &cfg, &mut snap) {
                 Ok(rec) if rec.ungraceful => report.recovered.push((t.paths.target.clone(), rec)),
                 Ok(_) => {}
                 Err(e) => {
                     tracing::error!("{}: recovery failed: {e}", t.paths.target.display());
+                    // Recorded, so the next attempt is a recovery with state (and keeps the
+                    // snapshot this one took).
+                    if !state
+                        .targets
+                        .iter()
+                        .any(|x| x.paths.target == t.paths.target)
+                    {
+                        state.targets.push(t.clone());
+                    }
+                    self.remember_snapshot(&mut state, &t, snap)?;
                     failed += 1;
                     continue;
                 }
@@ -194,6 +208,25 @@ impl Engine<'_> {
         Ok(report)
     }
 
+    /// Records in the state the snapshot a failed recovery of `t` took (or kept), so the next
+    /// attempt keeps it rather than taking another.
+    fn remember_snapshot(
+        &self,
+        state: &mut State,
+        t: &TargetState,
+        snapshot: Option<PathBuf>,
+    ) -> Result<(), EngineError> {
+        if let Some(x) = state
+            .targets
+            .iter_mut()
+            .find(|x| x.paths.target == t.paths.target)
+        {
+            x.crash_snapshot = snapshot;
+        }
+        self.runtime.save(state)?;
+        Ok(())
+    }
+
     fn sync_one(&self, p: &Planned, cfg: &Config, state: &mut State) -> Result<(), EngineError> {
         let mut t = TargetState {
             paths: p.paths.clone(),
@@ -201,6 +234,7 @@ impl Engine<'_> {
             mode: p.mode,
             stage: Stage::Syncing,
             clean_since: None,
+            crash_snapshot: None,
         };
         state.upsert(t.clone());
         self.runtime.save(state)?;
@@ -425,9 +459,14 @@ impl Engine<'_> {
             let result = if recover::is_live(&t) {
                 self.unsync_live(&t)
             } else {
-                recover::recover(self.mounter, &t, Some(t.stage), &state.config)
+                let mut snap = t.crash_snapshot.clone();
+                let r = recover::recover(self.mounter, &t, Some(t.stage), &state.config, &mut snap)
                     .map(|rec| report.recovered.push((t.paths.target.clone(), rec)))
-                    .map_err(|e| target_err(&t.paths.target, e))
+                    .map_err(|e| target_err(&t.paths.target, e));
+                if r.is_err() {
+                    self.remember_snapshot(&mut state, &t, snap)?;
+                }
+                r
             };
             match result {
                 Ok(()) => {

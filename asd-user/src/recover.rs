@@ -89,12 +89,15 @@ pub fn is_live(t: &TargetState) -> bool {
 }
 
 /// Recover `t`. `stage` is what the runtime state recorded, `None` when there was no state (a
-/// reboot): then only what is on disk tells.
+/// reboot): then only what is on disk tells. `snapshot` is the crash-recovery snapshot an
+/// earlier attempt took (`t.crash_snapshot`), kept if it still exists; it is set as soon as
+/// this attempt takes one, so a caller can record it even when a later step fails.
 pub fn recover(
     m: &dyn Mounter,
     t: &TargetState,
     stage: Option<Stage>,
     cfg: &Config,
+    snapshot: &mut Option<std::path::PathBuf>,
 ) -> Result<Recovery, RecoverError> {
     let p = &t.paths;
     let found = inspect(p);
@@ -128,14 +131,26 @@ pub fn recover(
 
     // The snapshot keeps the start state (or, without one, the disk as found) before anything
     // on disk changes.
-    if cfg.use_backups {
+    let earlier = snapshot.take().filter(|s| nsops::exists(s));
+    if let Some(kept) = earlier {
+        // Nothing on disk changed since that attempt took it: the same state, kept once.
+        tracing::info!(
+            "{}: keeping the snapshot an earlier recovery attempt took: {}",
+            p.target.display(),
+            kept.display()
+        );
+        rec.snapshot = Some(kept.clone());
+        *snapshot = Some(kept);
+    } else if cfg.use_backups {
         let src = if nsops::exists(&p.old) {
             p.old.clone()
         } else {
             p.target.clone()
         };
         if !found.covered || nsops::exists(&p.old) {
-            rec.snapshot = Some(take_snapshot(t, &src)?);
+            let taken = take_snapshot(t, &src)?;
+            *snapshot = Some(taken.clone());
+            rec.snapshot = Some(taken);
             snapshot::enforce_limit(p.parent(), &p.snapshot_prefix(), cfg.backup_limit)?;
         }
     }

@@ -311,6 +311,63 @@ fn kill_during_sync_then_reboot() {
     assert_eq!(temp_files(&ns, &target), "");
 }
 
+/// A recovery that keeps failing (here: a stray file in the backup dir) is retried at every
+/// start; it takes its snapshot once, so repeated starts do not rotate older snapshots out under
+/// BACKUP_LIMIT. With the runtime state kept (a restart loop) and without it (after a reboot).
+#[test]
+fn failing_recovery_takes_one_snapshot_however_often_retried() {
+    if !require_root() {
+        return;
+    }
+    for keep_state in [true, false] {
+        let ns = Ns::new();
+        let target = ns.data().join("t");
+        std::fs::create_dir(&target).expect("mkdir");
+        write_version(&ns, &target, 1);
+        ns.write_conf(&[&target], "BACKUP_LIMIT=2");
+        ns.asd_ok(&["sync"]);
+        let p = asd::paths::TargetPaths::new(&target, "root", &ns.vol()).expect("paths");
+        let older = p.snapshot("20200101_000000");
+        std::fs::write(&older, "an older crash's snapshot").expect("plant");
+        ns.drop_all_mounts();
+        if !keep_state {
+            std::fs::remove_dir_all(ns.run_dir()).expect("forget runtime state");
+        }
+        std::fs::write(p.backup.join("stray"), "x").expect("stray file");
+        for attempt in 0..3 {
+            let out = ns.asd_cmd(&["sync"]).output().expect("asd");
+            let text = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "attempt {attempt} should fail");
+            assert!(text.contains("not an empty directory"), "{text}");
+        }
+        let snaps = |ns: &Ns| -> Vec<PathBuf> {
+            let mut v: Vec<PathBuf> = std::fs::read_dir(ns.data())
+                .expect("readdir")
+                .flatten()
+                .map(|e| e.path())
+                .filter(|x| x.to_string_lossy().contains("-crashrecovery-"))
+                .collect();
+            v.sort();
+            v
+        };
+        let after_failures = snaps(&ns);
+        assert_eq!(
+            after_failures.len(),
+            2,
+            "the older snapshot and one new one (keep_state {keep_state}): {after_failures:?}"
+        );
+        assert_eq!(after_failures[0], older);
+        std::fs::remove_file(p.backup.join("stray")).expect("fix");
+        let out = ns.asd_ok(&["sync"]);
+        assert!(out.contains("recovered"), "{out}");
+        assert_eq!(snaps(&ns), after_failures, "the fixed retry took another");
+        let restored = extract(&ns, &after_failures[1]);
+        assert!(versions(&restored, &[1]).iter().all(|v| *v == Some(1)));
+        ns.asd_ok(&["unsync"]);
+        assert!(versions(&target, &[1]).iter().all(|v| *v == Some(1)));
+    }
+}
+
 /// A killed daemon without a reboot: the mounts and the RAM copy survive; the next start adopts
 /// them and the next resync writes everything, including what was written after the kill.
 #[test]

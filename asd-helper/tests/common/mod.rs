@@ -232,7 +232,9 @@ impl Helper {
         chmod(&call, 0o755);
         let mut holder = Command::new("unshare");
         holder
-            .args(["-m", "--propagation", opts.propagation, "sleep", "100000"])
+            // Always private first: a namespace made shared by unshare keeps its mounts in the
+            // host's peer groups, so the test's mounts would show up on the host.
+            .args(["-m", "--propagation", "private", "sleep", "100000"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
@@ -259,6 +261,14 @@ impl Helper {
         {
             assert!(Instant::now() < deadline, "unshare did not start");
             std::thread::sleep(Duration::from_millis(10));
+        }
+        if h.opts.propagation == "shared" {
+            // Shared as on a host booted with systemd, in peer groups of its own.
+            let out = run(Command::new("nsenter")
+                .arg("-t")
+                .arg(h.holder.id().to_string())
+                .args(["-m", "--", "mount", "--make-rshared", "/"]));
+            assert!(out.status.success(), "{out:?}");
         }
         h.spawn_helper();
         h
