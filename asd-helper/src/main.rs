@@ -130,20 +130,12 @@ fn bind_socket(path: &Path) -> anyhow::Result<std::os::unix::net::UnixListener> 
             bail!("{} exists and is not a socket", path.display());
         }
     }
-    // Bound under a temporary name and renamed into place once world-connectable, so no client
-    // ever finds the socket with the umask's mode 0700 (and fails with EACCES).
-    let mut tmp_name = path.as_os_str().to_os_string();
-    tmp_name.push(format!(".{}.tmp", std::process::id()));
-    let tmp = PathBuf::from(tmp_name);
-    let _ = std::fs::remove_file(&tmp);
-    let l = std::os::unix::net::UnixListener::bind(&tmp)
-        .with_context(|| format!("binding {}", tmp.display()))?;
-    let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o666))
-        .and_then(|()| std::fs::rename(&tmp, path));
-    if let Err(e) = placed {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e).with_context(|| format!("placing the socket at {}", path.display()));
-    }
+    // Created world-connectable (0666) by bind itself, so no client ever finds it with the
+    // helper's umask mode 0700 (and fails with EACCES). Still one thread: the umask is ours.
+    let helper_umask = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o111));
+    let bound = std::os::unix::net::UnixListener::bind(path);
+    rustix::process::umask(helper_umask);
+    let l = bound.with_context(|| format!("binding {}", path.display()))?;
     Ok(l)
 }
 

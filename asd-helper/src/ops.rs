@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::fd::OwnedFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use asd_protocol::method::to_parameters;
@@ -311,12 +311,13 @@ fn open_beneath(
     Ok(cur)
 }
 
-/// The recorded mount at `path`, opened, if it is still there (`Ok(None)`: it is gone).
-fn find_mount(path: &Path, mid: MountId) -> Result<Option<OwnedFd>, ServiceError> {
+/// The recorded mount at `path`, opened, if it is still there (`Ok(None)`: it is gone), and
+/// where it was found (`path`, or where it moved to with a renamed parent).
+fn find_mount(path: &Path, mid: MountId) -> Result<Option<(OwnedFd, PathBuf)>, ServiceError> {
     if let Ok(fd) = sys::open_dir(sys::at_fdcwd(), path, rustix::fs::ResolveFlags::empty()) {
         if let Ok((m, true)) = sys::mount_of(&fd) {
             if m.unique == mid.unique {
-                return Ok(Some(fd));
+                return Ok(Some((fd, path.to_path_buf())));
             }
         }
     }
@@ -338,7 +339,7 @@ fn find_mount(path: &Path, mid: MountId) -> Result<Option<OwnedFd>, ServiceError
         ),
     })?;
     match sys::mount_of(&fd) {
-        Ok((m, true)) if m.unique == mid.unique => Ok(Some(fd)),
+        Ok((m, true)) if m.unique == mid.unique => Ok(Some((fd, info.mount_point.clone()))),
         // The classic id was reused by another mount: ours is gone.
         Ok((m, _)) if m.id == mid.id => Ok(None),
         Ok(_) => Err(ServiceError::WrongState {
@@ -515,7 +516,27 @@ fn detach(creds: &FsCreds, rec: &MountRecord) -> DetachOutcome {
             None => true,
             Some(mid) => match find_mount(path, mid) {
                 Ok(None) => true,
-                Ok(Some(fd)) => match creds.as_root(|| sys::detach_fd(fd)) {
+                // The cover is taken down only when nothing uses it: lazily detached, files
+                // still open for writing on it would be written into a copy the manager then
+                // throws away. The overlay and the backup below it may go lazily.
+                Ok(Some((fd, at))) if i == 0 => {
+                    drop(fd);
+                    match creds.as_root(|| sys::unmount_unless_busy(&at, mid)) {
+                        Ok(Ok(())) => {
+                            out.unmounted.push(display(path));
+                            true
+                        }
+                        Ok(Err(e)) => {
+                            out.error = Some(sys_err("umount", path, e));
+                            false
+                        }
+                        Err(e) => {
+                            out.error = Some(io_err("switch identity", e));
+                            false
+                        }
+                    }
+                }
+                Ok(Some((fd, _))) => match creds.as_root(|| sys::detach_fd(fd)) {
                     Ok(Ok(())) => {
                         out.unmounted.push(display(path));
                         true
@@ -826,6 +847,7 @@ impl Ctx {
                     work: overlay.then(|| AreaPaths::join(&area.path, &a.work)),
                     overlay_mount: None,
                     cover_mount: None,
+                    frozen: false,
                 });
                 if let Err(e) = self.save(rec) {
                     if let Some(m) = rec.mounts.pop() {
@@ -1037,9 +1059,14 @@ impl Ctx {
                         reason: "not covered".into(),
                     });
                 };
+                if !frozen && !m.frozen {
+                    // Never made read-only by the helper: nothing of its own to undo (a
+                    // read-only flag set by someone else stays).
+                    return Ok(to_parameters(&FreezeReply { frozen: false }));
+                }
                 let now = creds
                     .run(move |c| -> Result<bool, ServiceError> {
-                        let fd = find_mount(&m.target, mid)?.ok_or_else(|| {
+                        let (fd, _) = find_mount(&m.target, mid)?.ok_or_else(|| {
                             ServiceError::WrongState {
                                 target: display(&m.target),
                                 reason: "the cover is gone".into(),
@@ -1055,6 +1082,10 @@ impl Ctx {
                     })
                     .await
                     .map_err(worker)??;
+                if let Some(r) = rec.find_mut(&target) {
+                    r.frozen = now;
+                }
+                self.save(rec)?;
                 Ok(to_parameters(&FreezeReply { frozen: now }))
             }
             Method::ListMounts => Ok(to_parameters(&MountList {

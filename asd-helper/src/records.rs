@@ -51,6 +51,9 @@ pub struct MountRecord {
     pub work: Option<PathBuf>,
     pub overlay_mount: Option<MountId>,
     pub cover_mount: Option<MountId>,
+    /// The helper made the cover read-only (Freeze); only then does Freeze(false) undo it.
+    #[serde(default)]
+    pub frozen: bool,
 }
 
 impl MountRecord {
@@ -190,6 +193,7 @@ mod tests {
             work: None,
             overlay_mount: None,
             cover_mount: None,
+            frozen: false,
         });
         store.save(&rec).unwrap();
         assert_eq!(store.load(1000).unwrap(), rec);

@@ -270,6 +270,27 @@ pub fn detach_fd(fd: OwnedFd) -> Result<(), Errno> {
     r
 }
 
+/// Unmounts the mount `mid` at `path`, not lazily: `EBUSY` while anything uses it. Addressed
+/// through a descriptor of the parent (no symlinks on the way) as `/proc/self/fd/P/name`, after
+/// checking that what is there is that mount, so a rename of an ancestor cannot redirect it (a
+/// mount point itself cannot be renamed); no descriptor of the mount itself is held, as that
+/// alone would make it busy.
+pub fn unmount_unless_busy(path: &Path, mid: MountId) -> Result<(), Errno> {
+    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(Errno::INVAL);
+    };
+    let pfd = open_dir(at_fdcwd(), parent, ResolveFlags::empty())?;
+    let here = open_child_dir(&pfd, name)?;
+    match mount_of(&here)? {
+        (m, true) if m.unique == mid.unique => {}
+        _ => return Err(Errno::STALE),
+    }
+    drop(here);
+    let mut via = std::ffi::OsString::from(format!("/proc/self/fd/{}/", pfd.as_raw_fd()));
+    via.push(name);
+    rustix::mount::unmount(Path::new(&via), UnmountFlags::NOFOLLOW)
+}
+
 /// One line of /proc/self/mountinfo.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MountInfo {

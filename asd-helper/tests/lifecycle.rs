@@ -383,6 +383,22 @@ fn freeze_makes_the_cover_read_only_for_its_owner_only() {
     assert!(write("still").status.success());
     drop(held);
 
+    // A cover in use is not taken down (lazily, a program's later writes would go to a copy
+    // that is then thrown away): Detach fails with EBUSY and changes nothing.
+    let held = std::fs::OpenOptions::new()
+        .append(true)
+        .open(h.inside(&target).join("after"))
+        .unwrap();
+    let r = h.call(&alice, "Detach", json!({"target": t}));
+    assert_eq!(r["error"], "io.asd.Helper.SystemError", "{r}");
+    assert_eq!(r["parameters"]["errno"], libc::EBUSY, "{r}");
+    assert_eq!(h.mounts_under(&scratch.path).len(), 2);
+    assert_eq!(
+        h.ok(&alice, "ListMounts", json!({}))["mounts"][0]["covered"],
+        true
+    );
+    drop(held);
+
     // A frozen cover comes down like any other.
     assert_eq!(
         h.ok(&alice, "Freeze", json!({"target": t, "frozen": true}))["frozen"],

@@ -93,6 +93,11 @@ impl Engine<'_> {
         let (mut cfg, mut state) = match previous {
             Some(prev) => {
                 if !prev.targets.is_empty() && prev.targets.iter().all(recover::is_live) {
+                    // An unsync killed between freezing a cover and taking it down left it
+                    // read-only: the target is in RAM, so it must be writable.
+                    for t in &prev.targets {
+                        self.thaw_quietly(t);
+                    }
                     report.already_running = true;
                     return Ok(report);
                 }
@@ -113,10 +118,10 @@ impl Engine<'_> {
         let had_state = !state.targets.is_empty();
         for t in state.targets.clone() {
             if recover::is_live(&t) {
+                self.thaw_quietly(&t);
                 continue;
             }
-            let mut snap = t.crash_snapshot.clone();
-            match recover::recover(self.mounter, &t, Some(t.stage), &state.config, &mut snap) {
+            match recover::recover(self.mounter, &t, Some(t.stage), &state.config) {
                 Ok(rec) => {
                     report.recovered.push((t.paths.target.clone(), rec));
                     state.remove(&t.paths.target);
@@ -124,7 +129,6 @@ impl Engine<'_> {
                 }
                 Err(e) => {
                     tracing::error!("{}: recovery failed: {e}", t.paths.target.display());
-                    self.remember_snapshot(&mut state, &t, snap)?;
                     failed += 1;
                 }
             }
@@ -165,25 +169,13 @@ impl Engine<'_> {
                 mode: p.mode,
                 stage: Stage::Syncing,
                 clean_since: None,
-                crash_snapshot: None,
             };
             // Leftovers on disk without any state: a reboot after a crash.
-            let mut snap = None;
-            match recover::recover(self.mounter, &t, None, &cfg, &mut snap) {
+            match recover::recover(self.mounter, &t, None, &cfg) {
                 Ok(rec) if rec.ungraceful => report.recovered.push((t.paths.target.clone(), rec)),
                 Ok(_) => {}
                 Err(e) => {
                     tracing::error!("{}: recovery failed: {e}", t.paths.target.display());
-                    // Recorded, so the next attempt is a recovery with state (and keeps the
-                    // snapshot this one took).
-                    if !state
-                        .targets
-                        .iter()
-                        .any(|x| x.paths.target == t.paths.target)
-                    {
-                        state.targets.push(t.clone());
-                    }
-                    self.remember_snapshot(&mut state, &t, snap)?;
                     failed += 1;
                     continue;
                 }
@@ -208,23 +200,11 @@ impl Engine<'_> {
         Ok(report)
     }
 
-    /// Records in the state the snapshot a failed recovery of `t` took (or kept), so the next
-    /// attempt keeps it rather than taking another.
-    fn remember_snapshot(
-        &self,
-        state: &mut State,
-        t: &TargetState,
-        snapshot: Option<PathBuf>,
-    ) -> Result<(), EngineError> {
-        if let Some(x) = state
-            .targets
-            .iter_mut()
-            .find(|x| x.paths.target == t.paths.target)
-        {
-            x.crash_snapshot = snapshot;
+    /// Makes a live target's cover writable again if asd froze it; failures only logged.
+    fn thaw_quietly(&self, t: &TargetState) {
+        if let Err(e) = self.mounter.thaw(t) {
+            tracing::warn!("{}: {e}", t.paths.target.display());
         }
-        self.runtime.save(state)?;
-        Ok(())
     }
 
     fn sync_one(&self, p: &Planned, cfg: &Config, state: &mut State) -> Result<(), EngineError> {
@@ -234,7 +214,6 @@ impl Engine<'_> {
             mode: p.mode,
             stage: Stage::Syncing,
             clean_since: None,
-            crash_snapshot: None,
         };
         state.upsert(t.clone());
         self.runtime.save(state)?;
@@ -459,14 +438,9 @@ impl Engine<'_> {
             let result = if recover::is_live(&t) {
                 self.unsync_live(&t)
             } else {
-                let mut snap = t.crash_snapshot.clone();
-                let r = recover::recover(self.mounter, &t, Some(t.stage), &state.config, &mut snap)
+                recover::recover(self.mounter, &t, Some(t.stage), &state.config)
                     .map(|rec| report.recovered.push((t.paths.target.clone(), rec)))
-                    .map_err(|e| target_err(&t.paths.target, e));
-                if r.is_err() {
-                    self.remember_snapshot(&mut state, &t, snap)?;
-                }
-                r
+                    .map_err(|e| target_err(&t.paths.target, e))
             };
             match result {
                 Ok(()) => {
@@ -504,13 +478,25 @@ impl Engine<'_> {
         // disk again, so nothing written there can be overwritten.
         let started = crate::copy::Timestamp::now();
         self.write_back(t, &p.backup, None)?;
-        let frozen = self.mounter.freeze(t).map_err(te)?;
-        if let Err(e) = self.write_back(t, &p.backup, Some(started)) {
-            // The target stays in RAM: it must stay writable for its programs.
+        // Read-only for the last pass is a safeguard, not a requirement (an older helper may not
+        // know how): without it the last pass runs all the same.
+        let frozen = self.mounter.freeze(t).unwrap_or_else(|e| {
+            tracing::warn!(
+                "{}: could not make it read-only for the final write-back ({e})",
+                p.target.display()
+            );
+            false
+        });
+        let last = self
+            .write_back(t, &p.backup, Some(started))
+            .and_then(|_| self.mounter.uncover(t).map_err(te));
+        if let Err(e) = last {
+            // The target stays in RAM (a failed write-back, or programs still using it): it
+            // must stay writable for them.
             if frozen {
                 if let Err(thaw) = self.mounter.thaw(t) {
                     tracing::error!(
-                        "{}: the cover stays read-only after a failed write-back ({thaw}); `asd unsync` again once the cause is fixed",
+                        "{}: the cover stays read-only ({thaw}); `asd unsync` again once the cause is fixed",
                         p.target.display()
                     );
                 }
@@ -523,7 +509,6 @@ impl Engine<'_> {
                 p.target.display()
             );
         }
-        self.mounter.uncover(t).map_err(te)?;
         if t.mode == Mode::Overlay {
             // The overlay must be gone before its upper layer is applied to the lower.
             self.mounter.release(t).map_err(te)?;

@@ -89,15 +89,12 @@ pub fn is_live(t: &TargetState) -> bool {
 }
 
 /// Recover `t`. `stage` is what the runtime state recorded, `None` when there was no state (a
-/// reboot): then only what is on disk tells. `snapshot` is the crash-recovery snapshot an
-/// earlier attempt took (`t.crash_snapshot`), kept if it still exists; it is set as soon as
-/// this attempt takes one, so a caller can record it even when a later step fails.
+/// reboot): then only what is on disk tells.
 pub fn recover(
     m: &dyn Mounter,
     t: &TargetState,
     stage: Option<Stage>,
     cfg: &Config,
-    snapshot: &mut Option<std::path::PathBuf>,
 ) -> Result<Recovery, RecoverError> {
     let p = &t.paths;
     let found = inspect(p);
@@ -108,14 +105,23 @@ pub fn recover(
         || nsops::exists(&p.backup)
         || nsops::exists(&p.old)
         || nsops::exists(&p.old_partial)
-        || [&p.old, &p.old_partial, &p.changes]
-            .iter()
-            .any(|d| nsops::exists(&paths::trash(d)))
         || volatile_exists
         || (t.mode == Mode::Overlay && (nsops::exists(&p.upper) || nsops::exists(&p.changes)))
         || stage.is_some();
     let mut rec = Recovery::default();
     if !leftovers {
+        // Only what a cleanup cut short had renamed aside to delete may be left: its data is
+        // on disk already, so no recovery (and no snapshot) is needed, only the deletion.
+        let trash = [&p.volatile, &p.upper, &p.old, &p.old_partial, &p.changes]
+            .iter()
+            .any(|d| nsops::exists(&paths::trash(d)));
+        if trash {
+            tracing::info!(
+                "{}: removing what an interrupted cleanup left",
+                p.target.display()
+            );
+            cleanup(t)?;
+        }
         return Ok(rec);
     }
     rec.ungraceful = true;
@@ -131,26 +137,23 @@ pub fn recover(
 
     // The snapshot keeps the start state (or, without one, the disk as found) before anything
     // on disk changes.
-    let earlier = snapshot.take().filter(|s| nsops::exists(s));
-    if let Some(kept) = earlier {
-        // Nothing on disk changed since that attempt took it: the same state, kept once.
-        tracing::info!(
-            "{}: keeping the snapshot an earlier recovery attempt took: {}",
-            p.target.display(),
-            kept.display()
-        );
-        rec.snapshot = Some(kept.clone());
-        *snapshot = Some(kept);
-    } else if cfg.use_backups {
+    if cfg.use_backups {
         let src = if nsops::exists(&p.old) {
             p.old.clone()
         } else {
             p.target.clone()
         };
-        if !found.covered || nsops::exists(&p.old) {
-            let taken = take_snapshot(t, &src)?;
-            *snapshot = Some(taken.clone());
-            rec.snapshot = Some(taken);
+        if let Some(kept) = snapshot_of_start_clone(p) {
+            // An earlier attempt that then failed took it: the clone never changes, so the
+            // same state is kept once, and repeated attempts do not rotate older snapshots out.
+            tracing::info!(
+                "{}: keeping the snapshot an earlier recovery attempt took: {}",
+                p.target.display(),
+                kept.display()
+            );
+            rec.snapshot = Some(kept);
+        } else if !found.covered || nsops::exists(&p.old) {
+            rec.snapshot = Some(take_snapshot(t, &src)?);
             snapshot::enforce_limit(p.parent(), &p.snapshot_prefix(), cfg.backup_limit)?;
         }
     }
@@ -214,6 +217,40 @@ pub fn recover(
     }
     cleanup(t)?;
     Ok(rec)
+}
+
+/// A crash-recovery snapshot of the start clone `-old` that already exists: one named and written
+/// after the clone was made (its change time: made once at sync, never changed after) can only
+/// have been taken of it, by an earlier recovery attempt, as recovery snapshots the clone
+/// whenever it exists (a snapshot copied in from elsewhere keeps its older name). The target
+/// itself is no such source: between attempts its programs may write to it.
+fn snapshot_of_start_clone(p: &TargetPaths) -> Option<std::path::PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::MetadataExt;
+    let clone = std::fs::symlink_metadata(&p.old)
+        .ok()
+        .filter(|m| m.is_dir())?;
+    let made = (clone.ctime(), clone.ctime_nsec());
+    let made_stamp = snapshot::timestamp_at(clone.ctime());
+    let prefix = p.snapshot_prefix();
+    std::fs::read_dir(p.parent())
+        .ok()?
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name();
+            let Some(rest) = name.as_bytes().strip_prefix(prefix.as_bytes()) else {
+                return false;
+            };
+            rest.ends_with(paths::SNAPSHOT_EXT.as_bytes())
+                && rest.get(..made_stamp.len()) >= Some(made_stamp.as_bytes())
+        })
+        .filter_map(|e| {
+            let m = e.metadata().ok().filter(|m| m.is_file())?;
+            let written = (m.mtime(), m.mtime_nsec());
+            (written >= made).then(|| (written, e.path()))
+        })
+        .max()
+        .map(|(_, path)| path)
 }
 
 /// Write a crash-recovery snapshot of `src` as the owner; the file is created by the manager
@@ -286,12 +323,21 @@ pub fn cleanup(t: &TargetState) -> Result<(), RecoverError> {
                 remove_trash(t, &trash)?;
             }
             nsops::rename(dir, &trash)?;
+            crash_for_tests(dir == &p.changes);
         }
         if nsops::exists(&trash) {
             remove_trash(t, &trash)?;
         }
     }
     Ok(())
+}
+
+/// Test hook: `ASD_TEST_CRASH_IN_CLEANUP=1` aborts (as a kill -9 would) right after the change
+/// set was renamed aside, before any of it is deleted.
+fn crash_for_tests(at: bool) {
+    if at && std::env::var_os("ASD_TEST_CRASH_IN_CLEANUP").is_some_and(|v| v == "1") {
+        std::process::abort();
+    }
 }
 
 /// Deletes a directory renamed aside by [`cleanup`]: its contents as the owner, then the

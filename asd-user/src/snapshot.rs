@@ -345,14 +345,19 @@ pub fn remove_all(parent: &Path, prefix: &OsStr) -> Result<Vec<PathBuf>, Snapsho
 /// The local time as `YYYYMMDD_HHMMSS`, as asd names its snapshots.
 pub fn timestamp_now() -> String {
     // SAFETY: time(NULL) only returns the current time.
-    let now = unsafe { libc::time(std::ptr::null_mut()) };
+    timestamp_at(unsafe { libc::time(std::ptr::null_mut()) })
+}
+
+/// `secs` (since the epoch) as local `YYYYMMDD_HHMMSS`.
+pub fn timestamp_at(secs: libc::time_t) -> String {
+    let now = secs;
     // SAFETY: an all-zero `struct tm` is a valid value (integers and a nullable pointer).
     let mut tm: libc::tm = unsafe { std::mem::zeroed() };
     // SAFETY: both pointers are valid for the call; localtime_r is the thread-safe variant
     // and writes only into `tm`.
     let ok = !unsafe { libc::localtime_r(&now, &mut tm) }.is_null();
     if !ok {
-        // Cannot happen for the current time; UTC-less fallback keeps the format.
+        // Cannot happen for a real time; the fallback keeps the format.
         return "19700101_000000".to_string();
     }
     format!(

@@ -92,11 +92,6 @@ pub struct TargetState {
     /// or the last resync's walk), so a resync only compares what changed since.
     #[serde(default)]
     pub clean_since: Option<crate::copy::Timestamp>,
-    /// The crash-recovery snapshot an earlier, failed recovery of this target took: the next
-    /// attempt keeps it instead of taking another of the same state (repeated attempts would
-    /// otherwise rotate older snapshots out under BACKUP_LIMIT).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub crash_snapshot: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

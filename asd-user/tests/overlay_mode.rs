@@ -201,6 +201,40 @@ fn overlay_kill_during_cleanup_never_applies_a_half_deleted_change_set() {
     );
 }
 
+/// The real cleanup, cut short: unsync dies (abort, as a kill -9) right after renaming the
+/// applied change set aside; the next start (after a reboot) does not apply it again and
+/// removes it, and the target holds the last data.
+#[test]
+fn overlay_kill_in_cleanup_after_the_change_set_was_renamed_aside() {
+    if !require_root() {
+        return;
+    }
+    let c = start();
+    c.ns.asd_ok(&["sync"]);
+    change_both(&c);
+    c.ns.asd_ok(&["resync"]);
+    let out =
+        c.ns.asd_cmd(&["unsync"])
+            .env("ASD_TEST_CRASH_IN_CLEANUP", "1")
+            .output()
+            .expect("asd");
+    assert!(!out.status.success(), "the injected crash must stop unsync");
+    let trash = asd::paths::trash(&c.p.changes);
+    assert!(!c.p.changes.exists(), "the change set kept its name");
+    assert!(trash.join("current").exists(), "renamed aside whole");
+    assert_eq!(c.ns.tree_diff(&c.target, &c.expected), "", "applied first");
+    c.ns.drop_all_mounts();
+    std::fs::remove_dir_all(c.ns.run_dir()).expect("reboot forgets the runtime state");
+    let out = c.ns.asd_ok(&["sync"]);
+    assert!(!trash.exists(), "the rest was not removed");
+    assert!(
+        !out.contains("recovered"),
+        "only a deletion was left to do: {out}"
+    );
+    c.ns.asd_ok(&["unsync"]);
+    assert_eq!(c.ns.tree_diff(&c.target, &c.expected), "");
+}
+
 /// A kill in the middle of a resync with many changes: nothing of the last completed resync is
 /// lost, and every file is whole.
 #[test]

@@ -178,7 +178,11 @@ fn alice_syncs_her_home_dir_through_the_helper() {
     w.asd_as_ok("asdalice", &conf, &["resync"]);
     let m = std::fs::metadata(w.ns.inside(&p.backup.join("new"))).expect("written back");
     assert_eq!(m.uid(), uid);
-    w.asd_as_ok("asdalice", &conf, &["unsync"]);
+    let out = w.asd_as_ok("asdalice", &conf, &["unsync"]);
+    assert!(
+        !out.contains("read-only"),
+        "the cover was not frozen: {out}"
+    );
     assert!(w.ns.our_mounts().is_empty(), "{:?}", w.ns.our_mounts());
     // The last write-back ran behind a read-only cover, made so by the helper.
     let log = std::fs::read_to_string(&w.log).expect("helper log");
@@ -321,4 +325,63 @@ fn alice_in_overlay_mode_through_the_helper() {
     );
     assert!(!target.join("sub/f").exists() && target.join("d").is_dir());
     assert!(!w.ns.inside(&p.user_area).exists(), "area left behind");
+}
+
+/// A program of alice's still writing in her target at unsync: the helper does not take the
+/// cover down under it (lazily, its later writes would be lost with the RAM copy), so unsync
+/// writes everything back, leaves the target in RAM and says why; once the program is gone,
+/// unsync finishes and its last write is on disk.
+#[test]
+fn busy_target_stays_in_ram_until_its_writer_is_gone() {
+    let Some(w) = World::new() else { return };
+    let (_, target, conf) = w.user_setup("asdalice", "work-busy");
+    w.asd_as_ok("asdalice", &conf, &["sync"]);
+    let go = w.ns.root.join("go-busy");
+    let log = target.join("sub/f");
+    let mut writer = w
+        .ns
+        .cmd("setpriv")
+        .args([
+            "--reuid",
+            "asdalice",
+            "--regid",
+            "asdalice",
+            "--init-groups",
+            "--",
+            "timeout",
+            "120",
+            "sh",
+            "-c",
+        ])
+        .arg(format!(
+            "exec 3>>'{log}'; echo held >&3; while [ ! -e '{go}' ]; do sleep 0.05; done; echo last >&3",
+            log = log.display(),
+            go = go.display()
+        ))
+        .spawn()
+        .expect("writer");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !std::fs::read_to_string(w.ns.inside(&log))
+        .unwrap_or_default()
+        .contains("held")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the writer did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = w.asd_as("asdalice", &conf, &["unsync"]);
+    let text = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "unsync of a busy target must fail");
+    assert!(text.contains("busy"), "{text}");
+    assert_eq!(w.ns.statfs_type(&target), "tmpfs", "still in RAM");
+    std::fs::write(&go, "").expect("go");
+    assert!(writer.wait().expect("writer").success());
+    w.asd_as_ok("asdalice", &conf, &["unsync"]);
+    assert!(w.ns.our_mounts().is_empty(), "{:?}", w.ns.our_mounts());
+    assert_eq!(
+        std::fs::read_to_string(&log).expect("on disk"),
+        "hello\nheld\nlast\n"
+    );
 }

@@ -92,3 +92,128 @@ fn roundtrip_private_root() {
 fn roundtrip_shared_root() {
     roundtrip(true);
 }
+
+/// A program still writing in the target at unsync: the cover cannot go read-only or away, so
+/// unsync writes everything back, leaves the target in RAM and says why; once the program is
+/// gone, unsync finishes, and what it wrote last is on disk.
+#[test]
+fn unsync_of_a_busy_target_keeps_it_in_ram_and_loses_nothing() {
+    if !require_root() {
+        return;
+    }
+    let ns = Ns::new();
+    let target = ns.data().join("t");
+    std::fs::create_dir(&target).expect("mkdir");
+    std::fs::write(target.join("log"), "start\n").expect("write");
+    ns.write_conf(&[&target], "");
+    ns.asd_ok(&["sync"]);
+    // A writer holding the file open, inside the namespace, until told to finish.
+    let go = ns.root.join("go");
+    // (timeout: never outlives a failed test)
+    let mut writer = ns
+        .cmd("timeout")
+        .args(["120", "sh", "-c"])
+        .arg(format!(
+            "exec 3>>'{t}/log'; echo held >&3; while [ ! -e '{go}' ]; do sleep 0.05; done; echo last >&3",
+            t = target.display(),
+            go = go.display()
+        ))
+        .spawn()
+        .expect("writer");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !std::fs::read_to_string(ns.inside(&target.join("log")))
+        .unwrap_or_default()
+        .contains("held")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the writer did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = ns.asd(&["unsync"]);
+    let text = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "unsync of a busy target must fail");
+    assert!(text.contains("busy"), "{text}");
+    assert_eq!(ns.statfs_type(&target), "tmpfs", "still in RAM");
+    let p = asd::paths::TargetPaths::new(&target, "root", &ns.vol()).expect("paths");
+    assert_eq!(
+        std::fs::read_to_string(ns.inside(&p.backup.join("log"))).expect("backup"),
+        "start\nheld\n",
+        "written back before giving up"
+    );
+    std::fs::write(&go, "").expect("go");
+    assert!(writer.wait().expect("writer").success());
+    ns.asd_ok(&["unsync"]);
+    assert!(ns.our_mounts().is_empty(), "{:?}", ns.our_mounts());
+    assert_eq!(
+        std::fs::read_to_string(target.join("log")).expect("on disk"),
+        "start\nheld\nlast\n"
+    );
+}
+
+/// A program only sitting in the target (its working directory, nothing open for writing):
+/// the cover goes read-only for the last pass but cannot be taken down; unsync fails, and the
+/// target, still in RAM, is writable again for its programs.
+#[test]
+fn a_failed_unsync_leaves_the_target_writable() {
+    if !require_root() {
+        return;
+    }
+    let ns = Ns::new();
+    let target = ns.data().join("t");
+    std::fs::create_dir(&target).expect("mkdir");
+    ns.write_conf(&[&target], "");
+    ns.asd_ok(&["sync"]);
+    let mut sitter = ns
+        .cmd("timeout")
+        .args(["120", "sh", "-c"])
+        .arg(format!("cd '{}' && sleep 100", target.display()))
+        .spawn()
+        .expect("sitter");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::fs::read_link(format!("/proc/{}/cwd", sitter.id())).map_or(true, |cwd| cwd != target)
+    {
+        // timeout forks sh: look for a child with the target as its cwd.
+        let inside = ns.sh_ok(&format!(
+            "for p in $(pgrep -P {}); do readlink /proc/$p/cwd; done",
+            sitter.id()
+        ));
+        if inside
+            .lines()
+            .any(|l| l == target.to_str().unwrap_or_default())
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the sitter did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = ns.asd(&["unsync"]);
+    let text = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "unsync of a busy target must fail");
+    assert!(text.contains("busy"), "{text}");
+    assert_eq!(ns.statfs_type(&target), "tmpfs", "still in RAM");
+    let w = ns.sh(&format!("echo x > '{}/after'", target.display()));
+    assert!(w.status.success(), "left read-only: {w:?}");
+    // TERM to timeout: it passes the signal on to its child.
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &sitter.id().to_string()])
+        .status();
+    let _ = sitter.wait();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let out = ns.asd(&["unsync"]);
+        if out.status.success() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{out:?}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(
+        std::fs::read_to_string(target.join("after")).expect("on disk"),
+        "x\n"
+    );
+}

@@ -522,16 +522,17 @@ impl Untouched {
             mounts: h.mount_points(),
             dirs: dirs
                 .iter()
-                .map(|d| (d.to_path_buf(), listing_but_other_tests(d)))
+                .map(|d| (d.to_path_buf(), listing_but_other_tests(d, dirs)))
                 .collect(),
         }
     }
 
     pub fn check(&self, h: &Helper) {
         assert_eq!(h.mount_points(), self.mounts, "mounts changed");
+        let mine: Vec<&Path> = self.dirs.iter().map(|(d, _)| d.as_path()).collect();
         for (d, before) in &self.dirs {
             assert_eq!(
-                &listing_but_other_tests(d),
+                &listing_but_other_tests(d, &mine),
                 before,
                 "entries of {} changed",
                 d.display()
@@ -542,13 +543,26 @@ impl Untouched {
 
 /// The entries of `dir` except the scratch directories that tests running in parallel in this
 /// process make and remove there (names from [`unique`]): they share homes and /srv with the
-/// attack under test, and their comings and goings are not its doing. Anything the helper
-/// could make (a backup dir `.NAME-backup_asd`, an area `asd-USER`) does not have that shape.
-fn listing_but_other_tests(dir: &Path) -> Vec<String> {
+/// attack under test, and their comings and goings are not its doing. Names made from the
+/// test's own watched directories (`mine`: e.g. its scratch dir, and a backup dir the helper
+/// would make for it) are always kept.
+fn listing_but_other_tests(dir: &Path, mine: &[&Path]) -> Vec<String> {
     let tag = format!("-{}-", std::process::id());
+    let own: Vec<String> = mine
+        .iter()
+        .filter_map(|d| d.file_name())
+        .map(|n| n.to_string_lossy().into_owned())
+        .filter(|n| n.contains(&tag))
+        .collect();
     listing(dir)
         .into_iter()
         .filter(|name| {
+            if own
+                .iter()
+                .any(|o| name == o || name.starts_with(&format!(".{o}-")))
+            {
+                return true;
+            }
             let Some((_, counter)) = name.split_once(&tag) else {
                 return true;
             };

@@ -250,10 +250,50 @@ fn dev_of(path: &Path) -> Option<(u32, u32)> {
 }
 
 /// Unmount the top mount on `path` if `accept` says it is ours; `Ok(false)` if nothing to do.
+///
+/// Never lazily (a busy target stays covered: lazily detached, files still open on it would be
+/// written into a copy that is then thrown away), so not through a descriptor of the mount
+/// itself, which would keep it busy. Instead the parent is held open (no symlinks on the way),
+/// the mount checked by the id of what is found at `parent/name`, and the unmount addressed as
+/// `/proc/self/fd/PARENT/name`: a rename of an ancestor (which a user may own) after the check
+/// cannot redirect it, and a mount point itself cannot be renamed.
 fn unmount_if(
     path: &Path,
     accept: impl Fn(&mountinfo::MountEntry) -> bool,
 ) -> Result<bool, MountError> {
+    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(MountError::Refused {
+            path: path.to_path_buf(),
+            reason: "not a path asd mounts on".into(),
+        });
+    };
+    let pfd = match open_dir(parent) {
+        Ok(fd) => fd,
+        // Gone: nothing can be mounted there.
+        Err(MountError::Sys { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(false)
+        }
+        Err(e) => return Err(e),
+    };
+    let here = match rustix::fs::openat(
+        &pfd,
+        name,
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        FsMode::empty(),
+    ) {
+        Ok(fd) => fd,
+        Err(rustix::io::Errno::NOENT) => return Ok(false),
+        Err(e) => return Err(sys("open", path)(e)),
+    };
+    let id = rustix::fs::statx(
+        &here,
+        "",
+        rustix::fs::AtFlags::EMPTY_PATH,
+        rustix::fs::StatxFlags::MNT_ID,
+    )
+    .map_err(sys("statx", path))?
+    .stx_mnt_id;
+    drop(here);
     let table = mountinfo::read().map_err(|source| MountError::Sys {
         op: "read mountinfo",
         path: path.to_path_buf(),
@@ -262,6 +302,14 @@ fn unmount_if(
     let Some(top) = mountinfo::mounts_at(&table, path).last().copied() else {
         return Ok(false);
     };
+    if u64::from(top.id) != id {
+        return Err(MountError::Refused {
+            path: path.to_path_buf(),
+            reason: "what is found at this path is not the mount listed there (a parent was \
+                     moved?); leaving it alone"
+                .into(),
+        });
+    }
     if !accept(top) {
         return Err(MountError::Refused {
             path: path.to_path_buf(),
@@ -271,7 +319,9 @@ fn unmount_if(
             ),
         });
     }
-    match rustix::mount::unmount(path, UnmountFlags::NOFOLLOW) {
+    let mut via = std::ffi::OsString::from(format!("/proc/self/fd/{}/", pfd.as_raw_fd()));
+    via.push(name);
+    match rustix::mount::unmount(Path::new(&via), UnmountFlags::NOFOLLOW) {
         Ok(()) => Ok(true),
         Err(rustix::io::Errno::BUSY) => Err(MountError::Busy {
             path: path.to_path_buf(),
@@ -311,17 +361,32 @@ fn set_cover_read_only(t: &TargetState, read_only: bool) -> Result<bool, MountEr
         path: p.target.clone(),
         source,
     })?;
-    let ours = mountinfo::mounts_at(&table, &p.target)
+    let Some(top) = mountinfo::mounts_at(&table, &p.target)
         .last()
-        .is_some_and(|m| want.is_some_and(|w| m.dev == w));
-    if !ours {
+        .copied()
+        .filter(|m| want.is_some_and(|w| m.dev == w))
+    else {
+        return Ok(false);
+    };
+    // The mount found at the path (no symlinks on the way) must be that one: a parent renamed
+    // meanwhile cannot point this at another mount.
+    let root = open_dir(&p.target)?;
+    let id = rustix::fs::statx(
+        &root,
+        "",
+        rustix::fs::AtFlags::EMPTY_PATH,
+        rustix::fs::StatxFlags::MNT_ID,
+    )
+    .map_err(sys("statx", &p.target))?
+    .stx_mnt_id;
+    if id != u64::from(top.id) {
         return Ok(false);
     }
     // Without OPEN_TREE_CLONE this is the mount on the target itself (the cover).
     let tree = rustix::mount::open_tree(
-        rustix::fs::CWD,
-        &p.target,
-        OpenTreeFlags::OPEN_TREE_CLOEXEC | OpenTreeFlags::AT_SYMLINK_NOFOLLOW,
+        &root,
+        "",
+        OpenTreeFlags::OPEN_TREE_CLOEXEC | OpenTreeFlags::AT_EMPTY_PATH,
     )
     .map_err(sys("open_tree", &p.target))?;
     let rdonly = u64::from(MountAttrFlags::MOUNT_ATTR_RDONLY.bits());
