@@ -505,6 +505,12 @@ struct DetachOutcome {
 }
 
 fn detach(creds: &FsCreds, rec: &MountRecord) -> DetachOutcome {
+    detach_with(creds, rec, false)
+}
+
+/// [`detach`]; `lazy_cover` only for a rollback of a cover just made and never recorded (nothing
+/// of the caller's was written through it yet, and it must not stay behind).
+fn detach_with(creds: &FsCreds, rec: &MountRecord, lazy_cover: bool) -> DetachOutcome {
     let mut out = DetachOutcome::default();
     let layers: [(Option<MountId>, &Path); 3] = [
         (rec.cover_mount, &rec.target),
@@ -519,7 +525,7 @@ fn detach(creds: &FsCreds, rec: &MountRecord) -> DetachOutcome {
                 // The cover is taken down only when nothing uses it: lazily detached, files
                 // still open for writing on it would be written into a copy the manager then
                 // throws away. The overlay and the backup below it may go lazily.
-                Ok(Some((fd, at))) if i == 0 => {
+                Ok(Some((fd, at))) if i == 0 && !lazy_cover => {
                     drop(fd);
                     match creds.as_root(|| sys::unmount_unless_busy(&at, mid)) {
                         Ok(Ok(())) => {
@@ -616,7 +622,7 @@ fn only_layer(m: &MountRecord, cover: Option<MountId>, overlay: Option<MountId>)
 /// Takes down a mount that could not be recorded.
 async fn rollback(creds: &FsCreds, m: MountRecord) {
     let target = m.target.clone();
-    match creds.run(move |c| detach(c, &m)).await {
+    match creds.run(move |c| detach_with(c, &m, true)).await {
         Ok(out) if out.error.is_none() => {}
         _ => tracing::error!(target = %target.display(), "could not roll back an unrecorded mount"),
     }
@@ -1059,11 +1065,6 @@ impl Ctx {
                         reason: "not covered".into(),
                     });
                 };
-                if !frozen && !m.frozen {
-                    // Never made read-only by the helper: nothing of its own to undo (a
-                    // read-only flag set by someone else stays).
-                    return Ok(to_parameters(&FreezeReply { frozen: false }));
-                }
                 let now = creds
                     .run(move |c| -> Result<bool, ServiceError> {
                         let (fd, _) = find_mount(&m.target, mid)?.ok_or_else(|| {

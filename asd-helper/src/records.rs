@@ -51,7 +51,8 @@ pub struct MountRecord {
     pub work: Option<PathBuf>,
     pub overlay_mount: Option<MountId>,
     pub cover_mount: Option<MountId>,
-    /// The helper made the cover read-only (Freeze); only then does Freeze(false) undo it.
+    /// The helper made the cover read-only (Freeze); covers are made writable, so
+    /// Freeze(false) makes it writable again whatever this says (a freeze recorded by no one).
     #[serde(default)]
     pub frozen: bool,
 }

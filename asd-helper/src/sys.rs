@@ -288,7 +288,13 @@ pub fn unmount_unless_busy(path: &Path, mid: MountId) -> Result<(), Errno> {
     drop(here);
     let mut via = std::ffi::OsString::from(format!("/proc/self/fd/{}/", pfd.as_raw_fd()));
     via.push(name);
-    rustix::mount::unmount(Path::new(&via), UnmountFlags::NOFOLLOW)
+    rustix::mount::unmount(Path::new(&via), UnmountFlags::NOFOLLOW)?;
+    // Check and unmount are two steps: if something was mounted over it in between, that went
+    // instead, and ours is still there. Then it is not reported gone.
+    match open_child_dir(&pfd, name).and_then(|fd| mount_of(&fd)) {
+        Ok((m, true)) if m.unique == mid.unique => Err(Errno::STALE),
+        _ => Ok(()),
+    }
 }
 
 /// One line of /proc/self/mountinfo.

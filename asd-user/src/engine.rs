@@ -436,7 +436,7 @@ impl Engine<'_> {
         let mut failed = 0;
         for t in state.targets.clone() {
             let result = if recover::is_live(&t) {
-                self.unsync_live(&t)
+                self.unsync_live(&t, &mut state)
             } else {
                 recover::recover(self.mounter, &t, Some(t.stage), &state.config)
                     .map(|rec| report.recovered.push((t.paths.target.clone(), rec)))
@@ -469,7 +469,7 @@ impl Engine<'_> {
         Ok(report)
     }
 
-    fn unsync_live(&self, t: &TargetState) -> Result<(), EngineError> {
+    fn unsync_live(&self, t: &TargetState, state: &mut State) -> Result<(), EngineError> {
         let p = &t.paths;
         let te = |e: MountError| target_err(&p.target, e);
         // A full comparison first (it also repairs anything changed on the disk side behind
@@ -480,20 +480,32 @@ impl Engine<'_> {
         self.write_back(t, &p.backup, None)?;
         // Read-only for the last pass is a safeguard, not a requirement (an older helper may not
         // know how): without it the last pass runs all the same.
-        let frozen = self.mounter.freeze(t).unwrap_or_else(|e| {
-            tracing::warn!(
-                "{}: could not make it read-only for the final write-back ({e})",
-                p.target.display()
-            );
-            false
-        });
+        // A failed freeze may still have taken effect (e.g. the helper froze but could not
+        // record it): then thaw too if the cover stays.
+        let (frozen, maybe_frozen) = match self.mounter.freeze(t) {
+            Ok(f) => (f, f),
+            Err(e) => {
+                tracing::warn!(
+                    "{}: could not make it read-only for the final write-back ({e})",
+                    p.target.display()
+                );
+                (false, true)
+            }
+        };
         let last = self
             .write_back(t, &p.backup, Some(started))
             .and_then(|_| self.mounter.uncover(t).map_err(te));
+        let covered = last.is_err() && recover::inspect(&t.paths).covered;
+        if last.is_ok() || !covered {
+            // From here on programs may write to the disk through the target: a later
+            // recovery must not write the RAM copy over that.
+            state.set_stage(&p.target, Stage::Uncovered);
+            self.runtime.save(state)?;
+        }
         if let Err(e) = last {
             // The target stays in RAM (a failed write-back, or programs still using it): it
             // must stay writable for them.
-            if frozen {
+            if covered && maybe_frozen {
                 if let Err(thaw) = self.mounter.thaw(t) {
                     tracing::error!(
                         "{}: the cover stays read-only ({thaw}); `asd unsync` again once the cause is fixed",

@@ -247,7 +247,9 @@ fn snapshot_of_start_clone(p: &TargetPaths) -> Option<std::path::PathBuf> {
         .filter_map(|e| {
             let m = e.metadata().ok().filter(|m| m.is_file())?;
             let written = (m.mtime(), m.mtime_nsec());
-            (written >= made).then(|| (written, e.path()))
+            // Strictly later: with coarse timestamps a snapshot of the previous clone can share
+            // the new clone's second; it is then not reused (one snapshot too many at worst).
+            (written > made).then(|| (written, e.path()))
         })
         .max()
         .map(|(_, path)| path)

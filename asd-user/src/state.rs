@@ -70,6 +70,9 @@ pub enum Stage {
     Syncing,
     /// The volatile copy (or overlay) is complete and covers the target.
     Synced,
+    /// Unsync wrote everything back and took the cover down: the target shows the disk again,
+    /// and programs may write there. The volatile copy must never be written back over it.
+    Uncovered,
 }
 
 /// Who owns a target: the identity every data operation on it runs as.
@@ -133,6 +136,12 @@ impl State {
         {
             Some(slot) => *slot = t,
             None => self.targets.push(t),
+        }
+    }
+
+    pub fn set_stage(&mut self, target: &Path, stage: Stage) {
+        if let Some(t) = self.targets.iter_mut().find(|t| t.paths.target == target) {
+            t.stage = stage;
         }
     }
 

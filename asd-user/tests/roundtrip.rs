@@ -217,3 +217,78 @@ fn a_failed_unsync_leaves_the_target_writable() {
         "x\n"
     );
 }
+
+/// Unsync took the cover down but could not finish (the backup bind is busy): from then on the
+/// target shows the disk and programs write there. The next unsync must not write the RAM copy
+/// over what they wrote (the state says the cover is down).
+#[test]
+fn writes_after_the_cover_went_down_survive_a_failed_unsync() {
+    if !require_root() {
+        return;
+    }
+    let ns = Ns::new();
+    let target = ns.data().join("t");
+    std::fs::create_dir(&target).expect("mkdir");
+    std::fs::write(target.join("f"), "disk\n").expect("write");
+    ns.write_conf(&[&target], "");
+    ns.asd_ok(&["sync"]);
+    ns.sh_ok(&format!("echo ram > '{}/f'", target.display()));
+    let p = asd::paths::TargetPaths::new(&target, "root", &ns.vol()).expect("paths");
+    // A program sitting in the backup bind keeps it busy (TERM to timeout ends it).
+    let mut sitter = ns
+        .cmd("timeout")
+        .args(["120", "sh", "-c"])
+        .arg(format!("cd '{}' && sleep 100", p.backup.display()))
+        .spawn()
+        .expect("sitter");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let cwds = ns.sh_ok(&format!(
+            "for p in $(pgrep -P {}); do readlink /proc/$p/cwd; done",
+            sitter.id()
+        ));
+        if cwds.lines().any(|l| Some(l) == p.backup.to_str()) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the sitter did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = ns.asd(&["unsync"]);
+    assert!(
+        !out.status.success(),
+        "the busy backup stops unsync: {out:?}"
+    );
+    assert_ne!(ns.statfs_type(&target), "tmpfs", "the cover went down");
+    // Programs now write to the disk through the target.
+    ns.sh_ok(&format!(
+        "echo later > '{t}/f' && echo new > '{t}/after'",
+        t = target.display()
+    ));
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &sitter.id().to_string()])
+        .status();
+    let _ = sitter.wait();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let out = ns.asd(&["unsync"]);
+        if out.status.success() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{out:?}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(ns.our_mounts().is_empty(), "{:?}", ns.our_mounts());
+    assert_eq!(
+        std::fs::read_to_string(target.join("f")).expect("f"),
+        "later\n",
+        "the RAM copy was written over a later write"
+    );
+    assert_eq!(
+        std::fs::read_to_string(target.join("after")).expect("after"),
+        "new\n",
+        "a file written after the cover went down was deleted"
+    );
+}

@@ -322,12 +322,34 @@ fn unmount_if(
     let mut via = std::ffi::OsString::from(format!("/proc/self/fd/{}/", pfd.as_raw_fd()));
     via.push(name);
     match rustix::mount::unmount(Path::new(&via), UnmountFlags::NOFOLLOW) {
-        Ok(()) => Ok(true),
-        Err(rustix::io::Errno::BUSY) => Err(MountError::Busy {
-            path: path.to_path_buf(),
-        }),
-        Err(e) => Err(sys("umount", path)(e)),
+        Ok(()) => {}
+        Err(rustix::io::Errno::BUSY) => {
+            return Err(MountError::Busy {
+                path: path.to_path_buf(),
+            })
+        }
+        Err(e) => return Err(sys("umount", path)(e)),
     }
+    // Check and unmount are two steps: if something was mounted over it in between, that went
+    // instead and ours is still there; then it is not reported gone.
+    let after = mountinfo::read().map_err(|source| MountError::Sys {
+        op: "read mountinfo",
+        path: path.to_path_buf(),
+        source,
+    })?;
+    // (The id alone could already be reused by some other new mount.)
+    if after
+        .iter()
+        .any(|m| m.id == top.id && m.dev == top.dev && m.mount_point == top.mount_point)
+    {
+        return Err(MountError::Refused {
+            path: path.to_path_buf(),
+            reason:
+                "something was mounted over it meanwhile and was unmounted instead; run asd again"
+                    .into(),
+        });
+    }
+    Ok(true)
 }
 
 /// Is an overlay filesystem available? Loads the module if needed.
