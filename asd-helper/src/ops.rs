@@ -35,8 +35,11 @@ const TMPFS_MAGIC: u64 = 0x0102_1994;
 /// Targets one uid may have mounted at once (DESIGN.md §6 rule 5: bounded).
 pub const MAX_TARGETS_PER_UID: usize = 128;
 
-/// File systems the helper never mounts from or over.
+/// File systems the helper never mounts from or over. tmpfs and overlay: a target there is in
+/// RAM already, or inside another asd target (whose cover a mount inside it would keep busy).
 const REFUSED_FS: &[(u64, &str)] = &[
+    (0x0102_1994, "tmpfs"),
+    (0x794c_7630, "overlay"),
     (0x9fa0, "proc"),
     (0x6265_6572, "sysfs"),
     (0x1cd1, "devpts"),
@@ -141,7 +144,6 @@ fn resolve_target(creds: &FsCreds, target: &Path) -> Result<Resolved, ServiceErr
             path: display(target),
         });
     }
-    check_fs(&fd, target)?;
     let (_, is_root) = sys::mount_of(&fd).map_err(|e| sys_err("statx", target, e))?;
     if is_root {
         return Err(ServiceError::MountsBelow {
@@ -156,6 +158,7 @@ fn resolve_target(creds: &FsCreds, target: &Path) -> Result<Resolved, ServiceErr
             mountpoint: display(&m.mount_point),
         });
     }
+    check_fs(&fd, target)?;
     Ok(Resolved { parent, fd, stat })
 }
 

@@ -243,6 +243,49 @@ fn symlinks_as_target_or_in_a_parent() {
     w.h.assert_serving();
 }
 
+/// bob owns a directory inside alice's target while it is in RAM (alice made room for him): a
+/// mount of his there would keep her cover busy, so her unsync could never finish. Targets on
+/// tmpfs or overlay (in RAM already, or inside another target) are refused.
+#[test]
+fn a_target_inside_another_users_cover_is_refused() {
+    if !root_or_skip("a_target_inside_another_users_cover_is_refused") {
+        return;
+    }
+    let mut w = world();
+    let scratch = Scratch::new(&w.alice, "host");
+    chmod(&scratch.path, 0o755);
+    let target = dir_of(&w.alice, &scratch.path.join("t"));
+    chmod(&target, 0o755);
+    let t = target.to_str().unwrap();
+    w.h.ok(&w.alice, "BindBackup", json!({"target": t, "mode": "copy"}));
+    let vcopy = format!("{}/asd-alice{t}", w.vol.path.display());
+    let out =
+        w.h.sh_as(&w.alice, &format!("mkdir -p {vcopy} && chmod 0755 {vcopy}"));
+    assert!(out.status.success(), "{out:?}");
+    w.h.ok(&w.alice, "Cover", json!({"target": t, "mode": "copy"}));
+    let inner = h_dir_in_namespace(&w.h, &target.join("bobs"), &w.bob);
+    for mode in ["copy", "overlay"] {
+        let r = w.h.err(
+            &w.bob,
+            "BindBackup",
+            json!({"target": inner, "mode": mode}),
+            "UnsupportedFilesystem",
+        );
+        assert_eq!(r["filesystem"], "tmpfs", "{r:?}");
+    }
+    let r = w.h.ok(&w.alice, "Detach", json!({"target": t}));
+    assert_eq!(r["unmounted"].as_array().unwrap().len(), 2, "{r:?}");
+    w.h.assert_serving();
+}
+
+/// A directory owned by `user` at `path` as seen inside the helper's namespace.
+fn h_dir_in_namespace(h: &Helper, path: &Path, user: &User) -> String {
+    let inside = h.inside(path);
+    std::fs::create_dir(&inside).unwrap();
+    chown(&inside, user);
+    path.to_str().unwrap().to_string()
+}
+
 #[test]
 fn relative_paths_and_dot_dot() {
     if !root_or_skip("relative_paths_and_dot_dot") {
