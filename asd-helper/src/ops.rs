@@ -525,12 +525,17 @@ fn detach_with(creds: &FsCreds, rec: &MountRecord, lazy_cover: bool) -> DetachOu
             None => true,
             Some(mid) => match find_mount(path, mid) {
                 Ok(None) => true,
-                // The cover is taken down only when nothing uses it: lazily detached, files
-                // still open for writing on it would be written into a copy the manager then
-                // throws away. The overlay and the backup below it may go lazily.
-                Ok(Some((fd, at))) if i == 0 && !lazy_cover => {
-                    drop(fd);
-                    match creds.as_root(|| sys::unmount_unless_busy(&at, mid)) {
+                Ok(Some((fd, at))) => {
+                    // The cover is taken down only when nothing uses it: lazily detached, files
+                    // still open for writing on it would be written into a copy the manager
+                    // then throws away. The overlay and the backup below it may go lazily.
+                    let unmounted = if i == 0 && !lazy_cover {
+                        drop(fd);
+                        creds.as_root(|| sys::unmount_unless_busy(&at, mid))
+                    } else {
+                        creds.as_root(|| sys::detach_fd(fd))
+                    };
+                    match unmounted {
                         Ok(Ok(())) => {
                             out.unmounted.push(display(path));
                             true
@@ -545,20 +550,6 @@ fn detach_with(creds: &FsCreds, rec: &MountRecord, lazy_cover: bool) -> DetachOu
                         }
                     }
                 }
-                Ok(Some((fd, _))) => match creds.as_root(|| sys::detach_fd(fd)) {
-                    Ok(Ok(())) => {
-                        out.unmounted.push(display(path));
-                        true
-                    }
-                    Ok(Err(e)) => {
-                        out.error = Some(sys_err("umount", path, e));
-                        false
-                    }
-                    Err(e) => {
-                        out.error = Some(io_err("switch identity", e));
-                        false
-                    }
-                },
                 Err(e) => {
                     out.error = Some(e);
                     false

@@ -165,32 +165,7 @@ fn a_failed_unsync_leaves_the_target_writable() {
     std::fs::create_dir(&target).expect("mkdir");
     ns.write_conf(&[&target], "");
     ns.asd_ok(&["sync"]);
-    let mut sitter = ns
-        .cmd("timeout")
-        .args(["120", "sh", "-c"])
-        .arg(format!("cd '{}' && sleep 100", target.display()))
-        .spawn()
-        .expect("sitter");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while std::fs::read_link(format!("/proc/{}/cwd", sitter.id())).map_or(true, |cwd| cwd != target)
-    {
-        // timeout forks sh: look for a child with the target as its cwd.
-        let inside = ns.sh_ok(&format!(
-            "for p in $(pgrep -P {}); do readlink /proc/$p/cwd; done",
-            sitter.id()
-        ));
-        if inside
-            .lines()
-            .any(|l| l == target.to_str().unwrap_or_default())
-        {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the sitter did not start"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let sitter = Sitter::in_dir(&ns, &target);
     let out = ns.asd(&["unsync"]);
     let text = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!out.status.success(), "unsync of a busy target must fail");
@@ -198,20 +173,8 @@ fn a_failed_unsync_leaves_the_target_writable() {
     assert_eq!(ns.statfs_type(&target), "tmpfs", "still in RAM");
     let w = ns.sh(&format!("echo x > '{}/after'", target.display()));
     assert!(w.status.success(), "left read-only: {w:?}");
-    // TERM to timeout: it passes the signal on to its child.
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &sitter.id().to_string()])
-        .status();
-    let _ = sitter.wait();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
-        let out = ns.asd(&["unsync"]);
-        if out.status.success() {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "{out:?}");
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    drop(sitter);
+    unsync_once_free(&ns);
     assert_eq!(
         std::fs::read_to_string(target.join("after")).expect("on disk"),
         "x\n"
@@ -234,28 +197,8 @@ fn writes_after_the_cover_went_down_survive_a_failed_unsync() {
     ns.asd_ok(&["sync"]);
     ns.sh_ok(&format!("echo ram > '{}/f'", target.display()));
     let p = asd::paths::TargetPaths::new(&target, "root", &ns.vol()).expect("paths");
-    // A program sitting in the backup bind keeps it busy (TERM to timeout ends it).
-    let mut sitter = ns
-        .cmd("timeout")
-        .args(["120", "sh", "-c"])
-        .arg(format!("cd '{}' && sleep 100", p.backup.display()))
-        .spawn()
-        .expect("sitter");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
-        let cwds = ns.sh_ok(&format!(
-            "for p in $(pgrep -P {}); do readlink /proc/$p/cwd; done",
-            sitter.id()
-        ));
-        if cwds.lines().any(|l| Some(l) == p.backup.to_str()) {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the sitter did not start"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    // A program sitting in the backup bind keeps it busy.
+    let sitter = Sitter::in_dir(&ns, &p.backup);
     let out = ns.asd(&["unsync"]);
     assert!(
         !out.status.success(),
@@ -267,19 +210,8 @@ fn writes_after_the_cover_went_down_survive_a_failed_unsync() {
         "echo later > '{t}/f' && echo new > '{t}/after'",
         t = target.display()
     ));
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &sitter.id().to_string()])
-        .status();
-    let _ = sitter.wait();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
-        let out = ns.asd(&["unsync"]);
-        if out.status.success() {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "{out:?}");
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    drop(sitter);
+    unsync_once_free(&ns);
     assert!(ns.our_mounts().is_empty(), "{:?}", ns.our_mounts());
     assert_eq!(
         std::fs::read_to_string(target.join("f")).expect("f"),
@@ -291,4 +223,60 @@ fn writes_after_the_cover_went_down_survive_a_failed_unsync() {
         "new\n",
         "a file written after the cover went down was deleted"
     );
+}
+
+/// A program whose working directory is `dir` (inside the namespace), nothing else: it keeps the
+/// mount there busy until dropped.
+struct Sitter(std::process::Child);
+
+impl Sitter {
+    fn in_dir(ns: &Ns, dir: &std::path::Path) -> Sitter {
+        // (timeout: never outlives a failed test)
+        let child = ns
+            .cmd("timeout")
+            .args(["120", "sh", "-c"])
+            .arg(format!("cd '{}' && sleep 100", dir.display()))
+            .spawn()
+            .expect("sitter");
+        let sitter = Sitter(child);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            // timeout forks sh: look for its child with `dir` as its working directory.
+            let cwds = ns.sh_ok(&format!(
+                "for p in $(pgrep -P {}); do readlink /proc/$p/cwd; done",
+                sitter.0.id()
+            ));
+            if cwds.lines().any(|l| Some(l) == dir.to_str()) {
+                return sitter;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the sitter did not start"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Sitter {
+    fn drop(&mut self) {
+        // TERM to timeout: it passes the signal on to its child.
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let _ = self.0.wait();
+    }
+}
+
+/// `asd unsync` until it succeeds (the last program may take a moment to let go), within 20 s.
+fn unsync_once_free(ns: &Ns) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let out = ns.asd(&["unsync"]);
+        if out.status.success() {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{out:?}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }
