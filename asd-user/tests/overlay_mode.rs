@@ -46,6 +46,16 @@ fn change_both(c: &Case) {
     stamp(&c.ns, &c.expected);
 }
 
+/// Synced in overlay mode, changed through the target (and the expected tree), resynced: the
+/// change set on disk holds every kind of change.
+fn resynced_with_changes() -> Case {
+    let c = start();
+    c.ns.asd_ok(&["sync"]);
+    change_both(&c);
+    c.ns.asd_ok(&["resync"]);
+    c
+}
+
 #[test]
 fn overlay_resync_unsync_and_lower_untouched() {
     if !require_root() {
@@ -166,10 +176,7 @@ fn overlay_kill_during_cleanup_never_applies_a_half_deleted_change_set() {
     if !require_root() {
         return;
     }
-    let c = start();
-    c.ns.asd_ok(&["sync"]);
-    change_both(&c);
-    c.ns.asd_ok(&["resync"]);
+    let c = resynced_with_changes();
     let saved = c.ns.root.join("changes-saved");
     c.ns.sh_ok(&format!(
         "cp -a --preserve=all '{}' '{}'",
@@ -209,10 +216,7 @@ fn overlay_kill_in_cleanup_after_the_change_set_was_renamed_aside() {
     if !require_root() {
         return;
     }
-    let c = start();
-    c.ns.asd_ok(&["sync"]);
-    change_both(&c);
-    c.ns.asd_ok(&["resync"]);
+    let c = resynced_with_changes();
     let out =
         c.ns.asd_cmd(&["unsync"])
             .env("ASD_TEST_CRASH_IN_CLEANUP", "1")
