@@ -12,7 +12,8 @@ fi
 
 need=()
 for pkg_cmd in rsync:rsync zstd:zstd attr:setfattr e2fsprogs:mkfs.ext4 util-linux:unshare \
-               dbus-daemon:dbus-daemon polkitd:pkcheck python3:python3; do
+               dbus-daemon:dbus-daemon polkitd:pkcheck python3:python3 \
+               btrfs-progs:mkfs.btrfs xfsprogs:mkfs.xfs; do
   pkg=${pkg_cmd%%:*}; cmd=${pkg_cmd#*:}
   command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
 done
@@ -25,12 +26,16 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 echo "== test users"
-# Created up front (idempotently) so parallel tests never race on useradd; homes enterable by
-# the other test users (Ubuntu's useradd makes them 0750).
-for u in asdtest1 asdalice asdbob alice bob; do
-  id "$u" >/dev/null 2>&1 || useradd -m -s /bin/sh "$u"
+# Created up front (idempotently) so parallel tests never race on useradd, the way Fedora, Arch
+# and Debian 12's adduser make them: private homes (0700), and Ubuntu's 0750 for the users named
+# *ubu. A home left 0755 by an older run of these tests is made private again.
+# alicedeb has the 0755 home of Debian's plain useradd.
+# asdfs700/asdfs750/asdfs755 are the home file system matrix's users, one per home mode.
+for u in asdtest1 asdalice asdbob alice bob asdubu aliceubu alicedeb asdfs700 asdfs750 asdfs755; do
+  case $u in *ubu|*750) mode=0750 ;; *deb|*755) mode=0755 ;; *) mode=0700 ;; esac
+  id "$u" >/dev/null 2>&1 || useradd -m -s /bin/sh -K HOME_MODE=$mode "$u"
   home=$(getent passwd "$u" | cut -d: -f6)
-  mkdir -p "$home" && chown "$u:" "$home" && chmod 0755 "$home"
+  [ "$(stat -c %a "$home")" = "${mode#0}" ] || chmod "$mode" "$home"
 done
 
 # The tests run asd, the helper's client and test binaries as those users: the build must be

@@ -529,23 +529,24 @@ fn detach_with(creds: &FsCreds, rec: &MountRecord, lazy_cover: bool) -> DetachOu
                     // The cover is taken down only when nothing uses it: lazily detached, files
                     // still open for writing on it would be written into a copy the manager
                     // then throws away. The overlay and the backup below it may go lazily.
+                    //
+                    // Both run with the caller's file system identity, as the lookups before
+                    // them: umount2 needs CAP_SYS_ADMIN (kept on this thread), not root's uid,
+                    // and a root lookup without CAP_DAC_READ_SEARCH could not even enter a
+                    // private (0700/0750) home. The helper reaches nothing the caller cannot.
                     let unmounted = if i == 0 && !lazy_cover {
                         drop(fd);
-                        creds.as_root(|| sys::unmount_unless_busy(&at, mid))
+                        sys::unmount_unless_busy(&at, mid)
                     } else {
-                        creds.as_root(|| sys::detach_fd(fd))
+                        sys::detach_fd(fd)
                     };
                     match unmounted {
-                        Ok(Ok(())) => {
+                        Ok(()) => {
                             out.unmounted.push(display(path));
                             true
                         }
-                        Ok(Err(e)) => {
-                            out.error = Some(sys_err("umount", path, e));
-                            false
-                        }
                         Err(e) => {
-                            out.error = Some(io_err("switch identity", e));
+                            out.error = Some(sys_err("umount", path, e));
                             false
                         }
                     }

@@ -19,7 +19,17 @@ struct World {
 }
 
 fn world() -> World {
-    let alice = user("alice");
+    world_with(user("alice"))
+}
+
+/// alice with a home other users can enter: made by Debian's `useradd` without HOME_MODE
+/// (0755). Only there can bob even name a directory of hers, which is what some attacks need;
+/// with the default private homes he is stopped before the helper's own checks.
+fn world_open_home() -> World {
+    world_with(user_with_home_mode("alicedeb", 0o755))
+}
+
+fn world_with(alice: User) -> World {
     let bob = user("bob");
     let h = Helper::start();
     let vol = volatile();
@@ -33,7 +43,7 @@ fn bob_asks_for_alices_target() {
     if !root_or_skip("bob_asks_for_alices_target") {
         return;
     }
-    let mut w = world();
+    let mut w = world_open_home();
     let scratch = Scratch::new(&w.alice, "victim");
     chmod(&scratch.path, 0o755);
     let target = dir_of(&w.alice, &scratch.path.join("t"));
@@ -251,14 +261,14 @@ fn a_target_inside_another_users_cover_is_refused() {
     if !root_or_skip("a_target_inside_another_users_cover_is_refused") {
         return;
     }
-    let mut w = world();
+    let mut w = world_open_home();
     let scratch = Scratch::new(&w.alice, "host");
     chmod(&scratch.path, 0o755);
     let target = dir_of(&w.alice, &scratch.path.join("t"));
     chmod(&target, 0o755);
     let t = target.to_str().unwrap();
     w.h.ok(&w.alice, "BindBackup", json!({"target": t, "mode": "copy"}));
-    let vcopy = format!("{}/asd-alice{t}", w.vol.path.display());
+    let vcopy = format!("{}/asd-{}{t}", w.vol.path.display(), w.alice.name);
     let out =
         w.h.sh_as(&w.alice, &format!("mkdir -p {vcopy} && chmod 0755 {vcopy}"));
     assert!(out.status.success(), "{out:?}");

@@ -115,6 +115,11 @@ fn check_target(path: &Path) -> Result<std::fs::Metadata, PlanError> {
                 "does not exist; create it or remove it from WHATTOSYNC",
             ))
         }
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            return Err(err(
+                "cannot be reached by you (permission denied on the way there); asd run as a user syncs only directories of that user's own",
+            ))
+        }
         Err(e) => return Err(err(&format!("cannot be examined: {e}"))),
     };
     if meta.file_type().is_symlink() {

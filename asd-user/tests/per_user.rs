@@ -2,150 +2,9 @@
 //! (started in the test's mount namespace on its own socket) for their mounts (issue 4).
 
 mod common;
+use common::world::World;
 use common::*;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output};
-
-fn helper_bin() -> PathBuf {
-    Path::new(ASD).with_file_name("asd-helper")
-}
-
-struct World {
-    ns: Ns,
-    helper: Child,
-    socket: PathBuf,
-    /// The helper's decision log (stderr).
-    log: PathBuf,
-}
-
-impl World {
-    fn new() -> Option<World> {
-        if !require_root() {
-            return None;
-        }
-        assert!(
-            helper_bin().exists(),
-            "{} is missing: run `cargo build --workspace` (the README test command does)",
-            helper_bin().display()
-        );
-        let ns = Ns::new();
-        let socket = ns.root.join("helper.sock");
-        let state = ns.root.join("helper-state");
-        let log = ns.root.join("helper.log");
-        let log_file = std::fs::File::create(&log).expect("helper log");
-        let mut helper = ns
-            .cmd(helper_bin().to_str().expect("utf-8 path"))
-            .arg("--socket")
-            .arg(&socket)
-            .env("ASD_HELPER_STATE_DIR", &state)
-            // No system bus here: the helper's rule without polkit (targets in the caller's
-            // home only) applies, whatever a polkitd on the host would say.
-            .env(
-                "DBUS_SYSTEM_BUS_ADDRESS",
-                "unix:path=/nonexistent/asd-test-no-bus",
-            )
-            .stderr(log_file)
-            .spawn()
-            .expect("start asd-helper");
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-            if let Ok(Some(status)) = helper.try_wait() {
-                panic!(
-                    "asd-helper exited ({status}):\n{}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                );
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the helper did not listen on {} within 30 s",
-                socket.display()
-            );
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        Some(World {
-            ns,
-            helper,
-            socket,
-            log,
-        })
-    }
-
-    /// A fresh target `~/<name>` of `user` with a few files, and the user's config for it.
-    fn user_setup(&self, user: &str, name: &str) -> (u32, PathBuf, PathBuf) {
-        let (uid, _) = test_user(user);
-        let home = PathBuf::from(format!("/home/{user}"));
-        let target = home.join(name);
-        let run = self.ns.root.join(format!("xdg-{user}"));
-        std::fs::create_dir_all(&run).expect("mkdir");
-        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o700)).expect("chmod");
-        let conf = self.ns.root.join(format!("{user}.conf"));
-        std::fs::write(
-            &conf,
-            format!(
-                "WHATTOSYNC=(~/{name})\nVOLATILE='{}'\n",
-                self.ns.vol().display()
-            ),
-        )
-        .expect("conf");
-        self.ns.sh_ok(&format!(
-            "rm -rf '{t}' '{h}/.{name}-backup_asd'* && mkdir -p '{t}/sub' && echo hello > '{t}/sub/f' && \
-             chown -R {user}: '{t}' '{run}' '{conf}'",
-            t = target.display(),
-            h = home.display(),
-            run = run.display(),
-            conf = conf.display()
-        ));
-        (uid, target, conf)
-    }
-
-    fn asd_as(&self, user: &str, conf: &Path, args: &[&str]) -> Output {
-        let mut c: Command = self.ns.cmd("setpriv");
-        c.args([
-            "--reuid",
-            user,
-            "--regid",
-            user,
-            "--init-groups",
-            "--",
-            "env",
-            "-i",
-        ])
-        .arg(format!("HOME=/home/{user}"))
-        .arg(format!(
-            "XDG_RUNTIME_DIR={}",
-            self.ns.root.join(format!("xdg-{user}")).display()
-        ))
-        .arg(format!("ASD_HELPER_SOCKET={}", self.socket.display()))
-        .arg(format!("ASDCONF={}", conf.display()))
-        .arg("PATH=/usr/bin:/bin")
-        .arg("NO_COLOR=1")
-        .arg(ASD)
-        .args(args);
-        c.output().expect("run asd as user")
-    }
-
-    fn asd_as_ok(&self, user: &str, conf: &Path, args: &[&str]) -> String {
-        let out = self.asd_as(user, conf, args);
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(
-            out.status.success(),
-            "asd {args:?} as {user} failed:\n{text}"
-        );
-        text
-    }
-}
-
-impl Drop for World {
-    fn drop(&mut self) {
-        let _ = self.helper.kill();
-        let _ = self.helper.wait();
-    }
-}
 
 #[test]
 fn alice_syncs_her_home_dir_through_the_helper() {
@@ -243,7 +102,11 @@ fn alice_and_bob_at_once_and_apart() {
     w.ns.sh_ok(&format!("chown asdbob: '{}'", evil.display()));
     let out = w.asd_as("asdbob", &evil, &["sync"]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("not to you"), "{err}");
+    // alice's home is private (0700): bob's asd cannot even reach her target.
+    assert!(
+        !out.status.success() && err.contains("cannot be reached by you"),
+        "{err}"
+    );
     assert_eq!(
         w.ns.statfs_type(&ta),
         "tmpfs",

@@ -85,20 +85,37 @@ pub struct User {
     pub home: PathBuf,
 }
 
-/// The user `name`, created (`useradd -m`) if missing (tests/run.sh creates them up front), with
-/// a home the other test users can enter (as on Debian; Ubuntu's useradd makes it 0750).
+/// The user `name`, created if missing (tests/run.sh creates them up front) the way Fedora, Arch
+/// and Debian 12's `adduser` make users: a private home, 0700.
 pub fn user(name: &str) -> User {
+    user_with_home_mode(name, 0o700)
+}
+
+/// [`user`] with another distribution's home mode (0750: Ubuntu), given to `useradd` as
+/// `HOME_MODE`. A user keeps the mode it was made with: each mode has users of its own.
+pub fn user_with_home_mode(name: &str, home_mode: u32) -> User {
     // Tests of this binary run in parallel: one useradd at a time, or a second one could fail
     // on the passwd lock or give the user a second uid.
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let lookup = || nix::unistd::User::from_name(name).ok().flatten();
     if lookup().is_none() {
-        let _ = Command::new("useradd").args(["-m", name]).output();
+        let _ = Command::new("useradd")
+            .args(["-m", "-K"])
+            .arg(format!("HOME_MODE={home_mode:04o}"))
+            .arg(name)
+            .output();
     }
     let u = lookup().unwrap_or_else(|| panic!("cannot create user {name}"));
-    std::fs::create_dir_all(&u.dir).ok();
-    let _ = std::fs::set_permissions(&u.dir, std::fs::Permissions::from_mode(0o755));
+    let mode = std::fs::metadata(&u.dir)
+        .map(|m| m.permissions().mode() & 0o7777)
+        .unwrap_or(0);
+    assert_eq!(
+        mode,
+        home_mode,
+        "{} has mode {mode:o}, the test wants a user made with HOME_MODE {home_mode:o}",
+        u.dir.display()
+    );
     User {
         name: name.to_string(),
         uid: u.uid.as_raw(),

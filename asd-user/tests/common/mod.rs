@@ -3,6 +3,8 @@
 //! namespace. Everything mounted disappears when the holder is killed, even if the test panics.
 #![allow(dead_code)]
 
+pub mod world;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -225,9 +227,16 @@ impl Drop for Ns {
     }
 }
 
-/// Create `user` if missing (its home owned by it); returns (uid, gid). Serialised: parallel
-/// `useradd` calls for the same name race.
+/// Create `user` if missing, the way Fedora, Arch and Debian 12's `adduser` do: a private home
+/// (0700) owned by the user. Returns (uid, gid). Serialised: parallel `useradd` calls race.
 pub fn test_user(name: &str) -> (u32, u32) {
+    test_user_with_home_mode(name, 0o700)
+}
+
+/// [`test_user`] with the home mode of another distribution (0750: Ubuntu; 0755: Debian's
+/// `useradd` without HOME_MODE). The mode is `useradd`'s own `HOME_MODE`; a user made earlier by
+/// another run keeps the mode it was made with, so each mode has users of its own.
+pub fn test_user_with_home_mode(name: &str, home_mode: u32) -> (u32, u32) {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let exists = Command::new("id")
@@ -238,18 +247,21 @@ pub fn test_user(name: &str) -> (u32, u32) {
         .is_ok_and(|s| s.success());
     if !exists {
         let _ = Command::new("useradd")
-            .args(["-m", "-s", "/bin/sh", name])
+            .args(["-m", "-s", "/bin/sh", "-K"])
+            .arg(format!("HOME_MODE={home_mode:04o}"))
+            .arg(name)
             .stderr(Stdio::null())
             .status();
     }
     let home = format!("/home/{name}");
-    let _ = std::fs::create_dir_all(&home);
-    let _ = Command::new("chown")
-        .arg(format!("{name}:"))
-        .arg(&home)
-        .status();
-    // Enterable by the other test users, as on Debian (Ubuntu's useradd makes it 0750).
-    let _ = std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o755));
+    let mode = std::fs::metadata(&home)
+        .map(|m| m.permissions().mode() & 0o7777)
+        .unwrap_or(0);
+    assert_eq!(
+        mode, home_mode,
+        "{home} has mode {mode:o}, the test wants a user made with HOME_MODE {home_mode:o} \
+         (userdel -r {name} and run again)"
+    );
     let out = Command::new("id").args(["-u", name]).output().expect("id");
     let uid: u32 = String::from_utf8_lossy(&out.stdout)
         .trim()
