@@ -2332,14 +2332,46 @@ pub fn remove_temp_files(root: &Path) -> Result<u64, CopyError> {
 }
 
 /// Regular files below `root` with more than one hard link, at most `limit` of them.
-pub fn find_hardlinked_files(root: &Path, limit: usize) -> Result<Vec<PathBuf>, CopyError> {
+pub fn find_hardlinked_files(
+    root: &Path,
+    asd_clones: &[PathBuf],
+    limit: usize,
+) -> Result<Vec<PathBuf>, CopyError> {
     let fd = open_root(root)?;
     let mut found = Vec::new();
     if limit == 0 {
         return Ok(found);
     }
+    // Links into asd's own start clone (whole, half-built, or half-deleted after a crash) are
+    // not the user's hard links: subtract them, so a crash during sync or unsync never turns
+    // into a refusal at the next start.
+    let mut in_clones: HashMap<(u64, u64), u64> = HashMap::new();
+    for clone in asd_clones {
+        let cfd = match open_root(clone) {
+            Ok(fd) => fd,
+            Err(CopyError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                continue
+            }
+            Err(e) => return Err(e),
+        };
+        let mut count = |_: BorrowedFd<'_>, _: &Path, _: &CStr, m: &Meta| {
+            if m.kind == FileType::RegularFile && m.nlink > 1 {
+                *in_clones.entry((m.dev, m.ino)).or_default() += 1;
+            }
+            Ok(Visit::Descend)
+        };
+        walk(
+            cfd.as_fd(),
+            &mut clone.to_path_buf(),
+            &mut Vec::new(),
+            &mut count,
+        )?;
+    }
     let mut visit = |_: BorrowedFd<'_>, path: &Path, _: &CStr, m: &Meta| {
-        if m.kind == FileType::RegularFile && m.nlink > 1 {
+        let foreign = m
+            .nlink
+            .saturating_sub(in_clones.get(&(m.dev, m.ino)).copied().unwrap_or(0));
+        if m.kind == FileType::RegularFile && foreign > 1 {
             found.push(path.to_path_buf());
             if found.len() >= limit {
                 return Ok(Visit::Stop);
@@ -3091,11 +3123,11 @@ mod tests {
         assert_eq!(ino(&src.join("a/b/c/deep")), ino(&dst.join("a/b/c/deep")));
         assert_ne!(ino(&src.join("link")), ino(&dst.join("link")));
         assert_ne!(ino(&src.join("fifo")), ino(&dst.join("fifo")));
-        let mut links = find_hardlinked_files(&src, 100).unwrap();
+        let mut links = find_hardlinked_files(&src, &[], 100).unwrap();
         links.sort();
         assert_eq!(links.len(), 11, "{links:?}");
         assert!(links.contains(&src.join("a/b/c/deep")));
-        assert_eq!(find_hardlinked_files(&src, 3).unwrap().len(), 3);
+        assert_eq!(find_hardlinked_files(&src, &[], 3).unwrap().len(), 3);
         // Not into a non-empty directory.
         assert!(hardlink_clone(&src, &src.join("a")).is_err());
         // Into itself: the clone is not cloned.

@@ -220,7 +220,11 @@ impl Engine<'_> {
         let copied_at = match self.mount_and_copy(&t, cfg) {
             Ok(at) => at,
             Err(e) => {
-                tracing::error!("{}: sync failed: {e}; undoing", t.paths.target.display());
+                // The error itself is reported once, by the caller.
+                tracing::info!(
+                    "{}: sync failed; undoing what was done",
+                    t.paths.target.display()
+                );
                 // Undo: the original directory was never written, so dropping what we built loses
                 // nothing.
                 if let Err(u) = self.undo(&t) {

@@ -72,8 +72,10 @@ pub enum Job {
     TreeSize {
         path: PathBuf,
     },
+    /// Files of `root` with hard links other than those into `asd_clones` (asd's start clone).
     FindHardlinks {
         root: PathBuf,
+        asd_clones: Vec<PathBuf>,
     },
     /// Overlay mode: persist the upper layer's changes (see `overlay`).
     Persist {
@@ -299,9 +301,11 @@ fn execute(job: &Job, fd: Option<OwnedFd>) -> Result<Output, String> {
             .map(Output::Count)
             .map_err(|x| e(&x)),
         Job::TreeSize { path } => copy::tree_size(path).map(Output::Bytes).map_err(|x| e(&x)),
-        Job::FindHardlinks { root } => copy::find_hardlinked_files(root, 10)
-            .map(Output::Paths)
-            .map_err(|x| e(&x)),
+        Job::FindHardlinks { root, asd_clones } => {
+            copy::find_hardlinked_files(root, asd_clones, 10)
+                .map(Output::Paths)
+                .map_err(|x| e(&x))
+        }
         Job::Persist { upper, changes } => crate::overlay::persist(upper, changes)
             .map(Output::Stats)
             .map_err(|x| e(&x)),

@@ -193,6 +193,10 @@ pub fn build(
             // The walk reads the owner's tree, so it runs as the owner.
             let job = crate::owner::Job::FindHardlinks {
                 root: target.clone(),
+                asd_clones: [&paths.old, &paths.old_partial]
+                    .into_iter()
+                    .flat_map(|d| [d.clone(), crate::paths::trash(d)])
+                    .collect(),
             };
             let linked = match crate::owner::run(&owner, &job, None) {
                 Ok(crate::owner::Output::Paths(p)) => p,

@@ -49,7 +49,11 @@ pub struct Recovery {
 /// Where a target stands right now, read from the mount table and the filesystem.
 pub struct Found {
     pub covered: bool,
+    /// Something is mounted on the backup path.
     pub backup_mounted: bool,
+    /// ... and it is the bind of the target's own directory that asd made: only then may a
+    /// write-back go there.
+    pub backup_is_ours: bool,
     pub overlay_mounted: bool,
 }
 
@@ -64,10 +68,28 @@ pub fn inspect(p: &TargetPaths) -> Found {
     Found {
         covered,
         backup_mounted: mountinfo::is_mount_point(&table, &p.backup),
+        backup_is_ours: backup_is_ours(&table, p),
         overlay_mounted: mountinfo::mounts_at(&table, &p.volatile)
             .last()
             .is_some_and(|m| m.fs_type == "overlay"),
     }
+}
+
+/// The topmost mount on the backup path shows the target's own directory: the same file system
+/// as the target's parent, at the target's place in it (mountinfo's root; st_dev would not do,
+/// on btrfs it names the subvolume). Anything else there (unmounted by a helper restart and
+/// replaced, mounted over by someone else) is no place to write the user's data to.
+fn backup_is_ours(table: &[mountinfo::MountEntry], p: &TargetPaths) -> bool {
+    let Some(top) = mountinfo::mounts_at(table, &p.backup).last().copied() else {
+        return false;
+    };
+    let Some(holder) = mountinfo::containing(table, p.parent()) else {
+        return false;
+    };
+    let Ok(rel) = p.target.strip_prefix(&holder.mount_point) else {
+        return false;
+    };
+    top.dev == holder.dev && top.root == holder.root.join(rel)
 }
 
 fn dev_of(path: &Path) -> Option<(u32, u32)> {
@@ -85,7 +107,7 @@ pub fn is_live(t: &TargetState) -> bool {
         return false;
     }
     let f = inspect(&t.paths);
-    f.covered && f.backup_mounted && (t.mode == Mode::Copy || f.overlay_mounted)
+    f.covered && f.backup_is_ours && (t.mode == Mode::Copy || f.overlay_mounted)
 }
 
 /// Recover `t`. `stage` is what the runtime state recorded, `None` when there was no state (a
@@ -188,12 +210,7 @@ pub fn recover(
         rec.wrote_back_from_ram = true;
     }
     m.release(t)?;
-    if nsops::exists(&p.backup) {
-        return Err(RecoverError::Unexpected {
-            path: p.backup.clone(),
-            reason: "is left over from an earlier run but is not an empty directory; look inside, move it away, and run asd again".into(),
-        });
-    }
+    check_backup_dir_gone(p)?;
     rec.temp_files_removed = match owner::run(
         &t.owner,
         &Job::RemoveTempFiles {
@@ -217,6 +234,41 @@ pub fn recover(
     }
     cleanup(t)?;
     Ok(rec)
+}
+
+/// After a release, the backup path must be gone, or an empty directory that could not be
+/// removed (a per-user target whose parent the user cannot write: the helper accepts an empty
+/// one of the caller's at the next sync). Anything else there is not asd's to guess about.
+fn check_backup_dir_gone(p: &TargetPaths) -> Result<(), RecoverError> {
+    let unexpected = |reason: String| RecoverError::Unexpected {
+        path: p.backup.clone(),
+        reason,
+    };
+    let meta = match std::fs::symlink_metadata(&p.backup) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(unexpected(format!("cannot be examined: {e}"))),
+    };
+    let table = mountinfo::read().unwrap_or_default();
+    if mountinfo::is_mount_point(&table, &p.backup) {
+        return Err(unexpected(format!(
+            "is still mounted after recovery; unmount it (`umount {}`) and run asd again",
+            p.backup.display()
+        )));
+    }
+    let empty = meta.is_dir()
+        && std::fs::read_dir(&p.backup).is_ok_and(|mut entries| entries.next().is_none());
+    if empty {
+        return Ok(());
+    }
+    Err(unexpected(format!(
+        "is left over from an earlier run and is not an empty directory: asd will not guess \
+         what it holds. {} holds the data; move the leftover away (`mv {} {}.saved`) and run \
+         asd again",
+        p.target.display(),
+        p.backup.display(),
+        p.backup.display()
+    )))
 }
 
 /// A crash-recovery snapshot of the start clone `-old` that already exists: one named and written

@@ -10,51 +10,12 @@ use std::time::Duration;
 
 const FILES: usize = 4000;
 
-/// Content of file `i` in version `v`: a recognisable pattern of a size that depends on both, so
-/// a torn file (part old, part new, or cut short) matches neither version.
-fn content(v: u32, i: usize) -> Vec<u8> {
-    let size = 2048 + (i * 7919 + v as usize * 104_729) % 60_000;
-    let pat = format!("v{v}-file{i}-");
-    pat.bytes().cycle().take(size).collect()
-}
-
 fn write_version(ns: &Ns, dir: &Path, v: u32) {
-    // Write through the namespace's view (the target may be covered by a mount there).
-    let base = ns.inside(dir);
-    std::fs::create_dir_all(base.join("sub")).expect("mkdir");
-    for i in 0..FILES {
-        let name = if i % 2 == 0 {
-            format!("f{i}")
-        } else {
-            format!("sub/f{i}")
-        };
-        std::fs::write(base.join(name), content(v, i)).expect("write");
-    }
+    versioned::write_version(ns, dir, v, FILES);
 }
 
-/// Which version each file holds (None: missing); panics on a torn or foreign file.
 fn versions(root: &Path, candidates: &[u32]) -> Vec<Option<u32>> {
-    (0..FILES)
-        .map(|i| {
-            let name = if i % 2 == 0 {
-                format!("f{i}")
-            } else {
-                format!("sub/f{i}")
-            };
-            match std::fs::read(root.join(&name)) {
-                Ok(data) => Some(
-                    *candidates
-                        .iter()
-                        .find(|v| content(**v, i) == data)
-                        .unwrap_or_else(|| {
-                            panic!("{name} is torn: {} bytes match no version", data.len())
-                        }),
-                ),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-                Err(e) => panic!("{name}: {e}"),
-            }
-        })
-        .collect()
+    versioned::versions(root, candidates, FILES)
 }
 
 fn temp_files(ns: &Ns, dir: &Path) -> String {

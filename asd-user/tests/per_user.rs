@@ -248,3 +248,53 @@ fn busy_target_stays_in_ram_until_its_writer_is_gone() {
         "hello\nheld\nlast\n"
     );
 }
+
+/// Whatever sits on the backup path once it is no longer the bind asd made (here: the bind
+/// was detached and a tmpfs mounted there instead, as a stray mount or a confused admin might),
+/// asd never writes the user's data into it: resync refuses, and the next unsync brings the
+/// RAM copy back to the target's own directory, then names the foreign mount in one line.
+#[test]
+fn nothing_is_written_into_a_backup_path_that_is_not_asds_mount() {
+    let Some(w) = World::new() else { return };
+    let (_, target, conf) = w.user_setup("asdalice", "work-foreign");
+    w.asd_as_ok("asdalice", &conf, &["sync"]);
+    let p = asd::paths::TargetPaths::new(&target, "asdalice", &w.ns.vol()).expect("paths");
+    w.ns.sh_ok(&format!(
+        "su asdalice -s /bin/sh -c 'echo in-ram > {}/new'",
+        target.display()
+    ));
+    w.ns.sh_ok(&format!(
+        "umount -l '{b}' && mount -t tmpfs -o mode=0777 foreign '{b}'",
+        b = p.backup.display()
+    ));
+    let out = w.asd_as("asdalice", &conf, &["resync"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "resync into a foreign mount: {err}");
+    assert!(
+        !w.ns.inside(&p.backup.join("new")).exists(),
+        "written into the foreign mount"
+    );
+    let out = w.asd_as("asdalice", &conf, &["unsync"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("still mounted") && err.contains(&*p.backup.to_string_lossy()),
+        "{err}"
+    );
+    assert!(
+        !w.ns.inside(&p.backup.join("new")).exists(),
+        "written into the foreign mount"
+    );
+    assert_eq!(
+        std::fs::read_to_string(w.ns.inside(&target.join("new"))).expect("back on disk"),
+        "in-ram\n"
+    );
+    // Once the admin takes the stray mount away, asd finishes by itself.
+    w.ns.sh_ok(&format!("umount '{}'", p.backup.display()));
+    w.asd_as_ok("asdalice", &conf, &["sync"]);
+    w.asd_as_ok("asdalice", &conf, &["unsync"]);
+    assert_eq!(
+        std::fs::read_to_string(target.join("new")).expect("on disk"),
+        "in-ram\n"
+    );
+    assert!(!p.backup.exists(), "the backup dir is left");
+}

@@ -69,7 +69,7 @@ impl ViaHelper {
             ClientError::Service(ServiceError::NotAuthorized { action, target, reason }) => MountError::Helper(format!(
                 "polkit did not allow {action} for {target} ({reason}). Targets inside your home need \
                  io.asd.helper.sync-home; others need io.asd.helper.sync-elsewhere, which an administrator \
-                 can grant with a polkit rule (see /usr/share/doc/asd/50-asd.rules.example)"
+                 can grant with a polkit rule (see 50-asd-helper.rules.example in asd's documentation directory, /usr/share/doc/asd or /usr/local/share/doc/asd)"
             )),
             ClientError::Service(ServiceError::SystemError { operation, errno }) if errno == libc::EBUSY => {
                 MountError::Busy {
@@ -146,6 +146,16 @@ impl Mounter for ViaHelper {
     }
 
     fn release(&self, t: &TargetState) -> Result<(), MountError> {
-        self.detach(&t.paths.target)
+        self.detach(&t.paths.target)?;
+        // The helper removes the backup dir it made, but only while it has a record of it: after
+        // a reboot (its records in /run are gone) the empty dir stays. Removing it is only ever
+        // an rmdir: it fails, harmlessly, on a dir with anything inside or mounted on it.
+        let backup = &t.paths.backup;
+        match std::fs::remove_dir(backup) {
+            Ok(()) => tracing::debug!("removed the empty {}", backup.display()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::debug!("left {} in place: {e}", backup.display()),
+        }
+        Ok(())
     }
 }

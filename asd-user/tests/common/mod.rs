@@ -3,6 +3,7 @@
 //! namespace. Everything mounted disappears when the holder is killed, even if the test panics.
 #![allow(dead_code)]
 
+pub mod versioned;
 pub mod world;
 
 use std::os::unix::fs::PermissionsExt;
@@ -196,6 +197,34 @@ impl Ns {
         ));
     }
 
+    /// Unmounts (lazily, deepest first) every mount whose mount point starts with one of
+    /// `prefixes` (each ending in `/`), then mounts a fresh VOLATILE tmpfs: the mounts of a
+    /// per-user target live in the user's home, outside the scratch dir.
+    pub fn drop_mounts_under(&self, prefixes: &[String]) {
+        let vol = self.vol();
+        for _ in 0..6 {
+            let info = std::fs::read_to_string(format!("/proc/{}/mountinfo", self.pid))
+                .unwrap_or_default();
+            let mut points: Vec<String> = info
+                .lines()
+                .filter_map(|l| l.split(' ').nth(4))
+                .map(|m| m.replace("\\040", " "))
+                .filter(|m| prefixes.iter().any(|p| m.starts_with(p.as_str())))
+                .collect();
+            if points.is_empty() {
+                break;
+            }
+            points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+            for p in points {
+                let _ = self.cmd("umount").args(["-l", &p]).output();
+            }
+        }
+        self.sh_ok(&format!(
+            "mountpoint -q '{v}' || mount -t tmpfs -o mode=1777 asdtest-vol '{v}'",
+            v = vol.display()
+        ));
+    }
+
     /// `rsync -aXn --delete --itemize-changes a/ b/` inside the namespace: empty when equal.
     pub fn tree_diff(&self, a: &Path, b: &Path) -> String {
         let out = self
@@ -224,6 +253,18 @@ impl Drop for Ns {
     fn drop(&mut self) {
         let _ = self.holder.kill();
         let _ = self.holder.wait();
+    }
+}
+
+/// The home mode a test user is made with, by the naming of tests/run.sh: `*ubu` and `*750`
+/// Ubuntu's 0750, `*deb` and `*755` Debian `useradd`'s 0755, every other one private (0700).
+pub fn home_mode_of(name: &str) -> u32 {
+    if name.ends_with("ubu") || name.ends_with("750") {
+        0o750
+    } else if name.ends_with("deb") || name.ends_with("755") {
+        0o755
+    } else {
+        0o700
     }
 }
 
