@@ -298,3 +298,42 @@ fn nothing_is_written_into_a_backup_path_that_is_not_asds_mount() {
     );
     assert!(!p.backup.exists(), "the backup dir is left");
 }
+
+/// Ubuntu's homes are 0750: group members may list them, others not. Copy and overlay mode
+/// work there too, and nothing is left beside the target.
+#[test]
+fn ubuntu_home_0750_in_both_modes() {
+    let Some(w) = World::new() else { return };
+    for (name, extra) in [
+        ("work-ubu-copy", ""),
+        ("work-ubu-overlay", "USE_OVERLAYFS=yes\n"),
+    ] {
+        let (_, target, conf) = w.user_setup("asdubu", name);
+        let home = std::fs::metadata("/home/asdubu").expect("home");
+        assert_eq!(home.permissions().mode() & 0o777, 0o750);
+        let text = std::fs::read_to_string(&conf).expect("conf") + extra;
+        std::fs::write(&conf, text).expect("conf");
+        w.asd_as_ok("asdubu", &conf, &["sync"]);
+        w.ns.sh_ok(&format!(
+            "su asdubu -s /bin/sh -c 'echo 1 > {t}/a && rm {t}/sub/f'",
+            t = target.display()
+        ));
+        w.asd_as_ok("asdubu", &conf, &["resync"]);
+        w.ns.sh_ok(&format!(
+            "su asdubu -s /bin/sh -c 'echo 2 > {t}/b'",
+            t = target.display()
+        ));
+        w.asd_as_ok("asdubu", &conf, &["unsync"]);
+        assert!(w.ns.our_mounts().is_empty(), "{:?}", w.ns.our_mounts());
+        assert_eq!(std::fs::read_to_string(target.join("a")).expect("a"), "1\n");
+        assert_eq!(std::fs::read_to_string(target.join("b")).expect("b"), "2\n");
+        assert!(!target.join("sub/f").exists());
+        let left: Vec<String> = std::fs::read_dir("/home/asdubu")
+            .expect("home")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(&format!(".{name}-backup_asd")))
+            .collect();
+        assert!(left.is_empty(), "left beside the target: {left:?}");
+    }
+}
