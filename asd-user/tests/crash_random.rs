@@ -84,14 +84,10 @@ impl Site {
     }
 
     fn asd_ok(&self, args: &[&str]) -> String {
-        let out = self.cmd(args).output().expect("run asd");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(out.status.success(), "asd {args:?} failed:\n{text}");
-        text
+        succeeded(
+            &self.cmd(args).output().expect("run asd"),
+            &format!("asd {args:?}"),
+        )
     }
 
     /// Writes version `v` of the tree into `dir` (as the target's owner).
@@ -216,13 +212,17 @@ fn finish(site: &Site, p: &asd::paths::TargetPaths, target: &Path, allowed: &[u3
     assert!(left.is_empty(), "left beside the target: {left:?}");
 }
 
-/// Kills `asd sync` at random points; the next sync recovers, the data is version 1 throughout.
-fn crash_in_sync(user_mode: bool, keep_state: bool) {
-    let case = format!(
-        "sync-{}-{}",
+fn case_name(command: &str, user_mode: bool, keep_state: bool) -> String {
+    format!(
+        "{command}-{}-{}",
         if user_mode { "user" } else { "root" },
         if keep_state { "keep" } else { "wipe" }
-    );
+    )
+}
+
+/// Kills `asd sync` at random points; the next sync recovers, the data is version 1 throughout.
+fn crash_in_sync(user_mode: bool, keep_state: bool) {
+    let case = case_name("sync", user_mode, keep_state);
     let Some((mut site, target, p)) = site(user_mode, &format!("crash-{case}")) else {
         return;
     };
@@ -247,11 +247,7 @@ fn crash_in_sync(user_mode: bool, keep_state: bool) {
 /// Kills `asd unsync` at random points, after version `2k` was written back by a resync and
 /// `2k+1` written in RAM; after the reboot, every file is one of those two, whole.
 fn crash_in_unsync(user_mode: bool, keep_state: bool) {
-    let case = format!(
-        "unsync-{}-{}",
-        if user_mode { "user" } else { "root" },
-        if keep_state { "keep" } else { "wipe" }
-    );
+    let case = case_name("unsync", user_mode, keep_state);
     let Some((mut site, target, p)) = site(user_mode, &format!("crash-{case}")) else {
         return;
     };

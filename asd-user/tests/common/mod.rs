@@ -166,14 +166,7 @@ impl Ns {
 
     /// Run asd and insist it succeeds; returns stdout + stderr.
     pub fn asd_ok(&self, args: &[&str]) -> String {
-        let out = self.asd(args);
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(out.status.success(), "asd {args:?} failed:\n{text}");
-        text
+        succeeded(&self.asd(args), &format!("asd {args:?}"))
     }
 
     /// Mount points inside the namespace under our scratch dir.
@@ -254,6 +247,17 @@ impl Drop for Ns {
         let _ = self.holder.kill();
         let _ = self.holder.wait();
     }
+}
+
+/// Insists that a finished command succeeded; returns its stdout + stderr.
+pub fn succeeded(out: &Output, what: &str) -> String {
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{what} failed:\n{text}");
+    text
 }
 
 /// The home mode a test user is made with, by the naming of tests/run.sh: `*ubu` and `*750`

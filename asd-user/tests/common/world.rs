@@ -167,17 +167,10 @@ impl World {
     }
 
     pub fn asd_as_ok(&self, user: &str, conf: &Path, args: &[&str]) -> String {
-        let out = self.asd_as(user, conf, args);
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(
-            out.status.success(),
-            "asd {args:?} as {user} failed:\n{text}"
-        );
-        text
+        succeeded(
+            &self.asd_as(user, conf, args),
+            &format!("asd {args:?} as {user}"),
+        )
     }
 }
 
