@@ -337,3 +337,42 @@ fn ubuntu_home_0750_in_both_modes() {
         assert!(left.is_empty(), "left beside the target: {left:?}");
     }
 }
+
+/// A target outside the home is refused when polkit cannot be asked (no system bus here): one
+/// line per target, naming the polkit rules example that is installed, and nothing is left.
+#[test]
+fn refusal_outside_home_is_said_once_and_names_the_rules_file() {
+    let Some(w) = World::new() else { return };
+    let (_, _, conf) = w.user_setup("asdalice", "work-out");
+    let outside = w.ns.root.join("outside");
+    w.ns.sh_ok(&format!(
+        "mkdir -p '{o}' && chown asdalice: '{o}'",
+        o = outside.display()
+    ));
+    std::fs::write(
+        &conf,
+        format!(
+            "WHATTOSYNC=('{}')\nVOLATILE='{}'\n",
+            outside.display(),
+            w.ns.vol().display()
+        ),
+    )
+    .expect("conf");
+    let out = w.asd_as("asdalice", &conf, &["sync"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    let lines: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("NotAuthorized") || l.contains("not allow") || l.contains("polkit"))
+        .collect();
+    assert_eq!(lines.len(), 1, "the refusal once per target: {err}");
+    assert!(lines[0].contains("50-asd-helper.rules.example"), "{err}");
+    assert!(w.ns.our_mounts().is_empty(), "{:?}", w.ns.our_mounts());
+    let left: Vec<String> = std::fs::read_dir(&w.ns.root)
+        .expect("scratch")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".outside-backup_asd"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
