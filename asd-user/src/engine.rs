@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use crate::config::{self, Config, Expand};
 use crate::copy::CopyStats;
+use crate::holders;
 use crate::mount::{MountError, Mounter};
 use crate::nsops;
 use crate::owner::{self, Job, Output};
@@ -43,6 +44,20 @@ fn target_err(target: &Path, e: impl std::error::Error + Send + Sync + 'static) 
         target: target.to_path_buf(),
         source: Box::new(e),
     }
+}
+
+/// A busy target's error names the programs using it, where asd can see them.
+fn busy_named(target: &Path, e: MountError) -> EngineError {
+    if matches!(e, MountError::Busy { .. }) {
+        match holders::open_in(target) {
+            Ok(holders) if !holders.is_empty() => {
+                return target_err(target, holders::HoldersError::Busy { holders, source: e })
+            }
+            Ok(_) => {}
+            Err(h) => tracing::debug!("{}: {h}", target.display()),
+        }
+    }
+    target_err(target, e)
 }
 
 /// Where to find things, and how to mount.
@@ -92,7 +107,17 @@ impl Engine<'_> {
         let previous = self.runtime.load()?;
         let (mut cfg, mut state) = match previous {
             Some(prev) => {
-                if !prev.targets.is_empty() && prev.targets.iter().all(recover::is_live) {
+                // A configured target that is not recorded was refused last time (programs had
+                // it open, say): then this sync tries it again instead of "already running".
+                let all_recorded = prev
+                    .config
+                    .whattosync
+                    .iter()
+                    .all(|w| prev.targets.iter().any(|t| t.paths.target == *w));
+                if !prev.targets.is_empty()
+                    && all_recorded
+                    && prev.targets.iter().all(recover::is_live)
+                {
                     // An unsync killed between freezing a cover and taking it down left it
                     // read-only: the target is in RAM, so it must be writable.
                     for t in &prev.targets {
@@ -208,6 +233,14 @@ impl Engine<'_> {
     }
 
     fn sync_one(&self, p: &Planned, cfg: &Config, state: &mut State) -> Result<(), EngineError> {
+        // Programs already using the target would go on writing to the disk under the cover,
+        // and unsync would write the RAM copy over that. Wait a little, then refuse: a program
+        // that only passes through (an indexer, a thumbnailer, a shell's `ls`) is gone in a
+        // moment, while one that keeps the target open (an editor, a browser profile) will not
+        // close because asd waits, and asd never stops the user's programs. Before any step,
+        // so a refusal leaves everything as it was.
+        holders::wait_until_unused(&p.paths.target, holders::sync_wait())
+            .map_err(|e| target_err(&p.paths.target, e))?;
         let mut t = TargetState {
             paths: p.paths.clone(),
             owner: p.owner.clone(),
@@ -337,6 +370,10 @@ impl Engine<'_> {
             }
         }
         let copied_at = (t.mode == Mode::Copy).then(crate::copy::Timestamp::now);
+        // Once more, without waiting: a program that started using the target meanwhile
+        // would write underneath the cover (the caller undoes everything on this error).
+        holders::wait_until_unused(&p.target, Duration::ZERO)
+            .map_err(|e| target_err(&p.target, e))?;
         self.mounter.cover(t).map_err(te)?;
         Ok(copied_at)
     }
@@ -496,9 +533,18 @@ impl Engine<'_> {
                 (false, true)
             }
         };
+        // A copy of the cover in another mount namespace would outlive ours, and what is
+        // written there would go into the RAM copy deleted below: such a target stays in RAM.
         let last = self
             .write_back(t, &p.backup, Some(started))
-            .and_then(|_| self.mounter.uncover(t).map_err(te));
+            .and_then(|_| {
+                holders::refuse_copies_elsewhere(&p.target).map_err(|e| target_err(&p.target, e))
+            })
+            .and_then(|_| {
+                self.mounter
+                    .uncover(t)
+                    .map_err(|e| busy_named(&p.target, e))
+            });
         let covered = last.is_err() && recover::inspect(&t.paths).covered;
         if last.is_ok() || !covered {
             // From here on programs may write to the disk through the target: a later

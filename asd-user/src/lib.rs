@@ -7,6 +7,7 @@ pub mod copy;
 pub mod daemon;
 pub mod engine;
 pub(crate) mod fsio;
+pub mod holders;
 pub mod mount;
 pub mod mountinfo;
 pub mod nsops;
