@@ -3,6 +3,7 @@
 //! with `--socket`, checks who asks (SO_PEERCRED) and what they own, asks polkit, mounts through
 //! opened descriptors, and records what it mounted for whom.
 
+mod beside;
 mod caps;
 mod ops;
 mod paths;

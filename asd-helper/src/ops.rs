@@ -22,6 +22,7 @@ use rustix::fs::{Access, AtFlags, Mode as FsMode};
 use rustix::io::Errno;
 use serde_json::{Map, Value};
 
+use crate::beside;
 use crate::paths::{self, display, AreaPaths};
 use crate::peer::Peer;
 use crate::polkit;
@@ -71,12 +72,12 @@ fn errno(e: Errno) -> i32 {
     e.raw_os_error()
 }
 
-fn sys_err(op: &str, path: &Path, e: Errno) -> ServiceError {
+pub(crate) fn sys_err(op: &str, path: &Path, e: Errno) -> ServiceError {
     ServiceError::system(format!("{op} {}", display(path)), errno(e))
 }
 
 /// Maps a failed lookup of `path` onto the named error.
-fn lookup_err(path: &Path, e: Errno) -> ServiceError {
+pub(crate) fn lookup_err(path: &Path, e: Errno) -> ServiceError {
     let path_s = display(path);
     match e {
         Errno::LOOP => ServiceError::SymlinkInPath { path: path_s },
@@ -806,7 +807,16 @@ impl Ctx {
                         move |c| -> Result<(MountId, Option<DirId>, DirId), ServiceError> {
                             let BackupPlan { resolved, existing } = plan;
                             let (backup_fd, created) = match existing {
-                                Some(fd) => (fd, None),
+                                // An empty dir of the caller's at asd's backup name is what the
+                                // helper itself would make (one left by a reboot, say): it is
+                                // removed at Detach like one made now, or it would stay behind
+                                // where the caller may not remove it.
+                                Some(fd) => {
+                                    let id = sys::fstat(&fd)
+                                        .map(|st| DirId::of(&st))
+                                        .map_err(|e| sys_err("stat", &b, e))?;
+                                    (fd, Some(id))
+                                }
                                 None => {
                                     let (fd, id) =
                                         create_backup(c, &resolved.parent, &n, &b, &resolved.stat)?;
@@ -1083,6 +1093,33 @@ impl Ctx {
                 }
                 self.save(rec)?;
                 Ok(to_parameters(&FreezeReply { frozen: now }))
+            }
+            Method::MakeBeside { target, name, kind } => {
+                let target = paths::normalized(&target)?;
+                polkit::authorize(peer, &target).await?;
+                creds
+                    .run(move |c| beside::make(c, &target, &name, kind))
+                    .await
+                    .map_err(worker)??;
+                Ok(Map::new())
+            }
+            Method::RenameBeside { target, from, to } => {
+                let target = paths::normalized(&target)?;
+                polkit::authorize(peer, &target).await?;
+                creds
+                    .run(move |c| beside::rename(c, &target, &from, &to))
+                    .await
+                    .map_err(worker)??;
+                Ok(Map::new())
+            }
+            Method::RemoveBeside { target, name } => {
+                let target = paths::normalized(&target)?;
+                polkit::authorize(peer, &target).await?;
+                creds
+                    .run(move |c| beside::remove(c, &target, &name))
+                    .await
+                    .map_err(worker)??;
+                Ok(Map::new())
             }
             Method::ListMounts => Ok(to_parameters(&MountList {
                 area: rec.area.as_ref().map(|a| display(&a.path)),

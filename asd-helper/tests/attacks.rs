@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -888,4 +889,142 @@ impl Drop for KillOnDrop {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// MakeBeside, RenameBeside, RemoveBeside: the helper makes, renames and removes entries in a
+/// parent only root may write, but only asd's own names for that one target, only where the
+/// caller cannot, and only the caller's entries; never for someone else's target.
+#[test]
+fn beside_entries_only_asds_names_and_only_the_callers() {
+    if !root_or_skip("beside_entries_only_asds_names_and_only_the_callers") {
+        return;
+    }
+    let mut w = world_open_home();
+    let scratch = Scratch::new(&w.alice, "beside");
+    let parent = scratch.path.join("rootp");
+    std::fs::create_dir(&parent).unwrap();
+    chmod(&parent, 0o755);
+    let target = dir_of(&w.alice, &parent.join("t"));
+    let t = target.to_str().unwrap();
+    let call = |name: &str, kind: &str| json!({"target": t, "name": name, "kind": kind});
+    // alice: asd's own entries, given to her.
+    w.h.ok(
+        &w.alice,
+        "MakeBeside",
+        call(".t-backup_asd-old.partial", "dir"),
+    );
+    let made = std::fs::symlink_metadata(parent.join(".t-backup_asd-old.partial")).unwrap();
+    assert_eq!((made.uid(), made.mode() & 0o7777), (w.alice.uid, 0o700));
+    w.h.ok(
+        &w.alice,
+        "RenameBeside",
+        json!({"target": t, "from": ".t-backup_asd-old.partial", "to": ".t-backup_asd-old"}),
+    );
+    let snap = ".t-backup_asd-crashrecovery-20261204_050000.tar.zstd";
+    w.h.ok(&w.alice, "MakeBeside", call(snap, "file"));
+    assert_eq!(
+        std::fs::symlink_metadata(parent.join(snap)).unwrap().uid(),
+        w.alice.uid
+    );
+    // Never over an existing entry.
+    let snap2 = ".t-backup_asd-crashrecovery-20261204_050000_2.tar.zstd";
+    w.h.ok(&w.alice, "MakeBeside", call(snap2, "file"));
+    w.h.err(
+        &w.alice,
+        "RenameBeside",
+        json!({"target": t, "from": snap2, "to": snap}),
+        "SystemError",
+    );
+    w.h.ok(
+        &w.alice,
+        "RemoveBeside",
+        json!({"target": t, "name": snap2}),
+    );
+    w.h.err(&w.alice, "MakeBeside", call(snap, "file"), "BackupInUse");
+    // Names that are not asd's for this target.
+    for bad in [
+        "../x",
+        "passwd",
+        ".t-backup_asd",
+        ".u-backup_asd-old",
+        ".t-backup_asd-old/x",
+        ".t-backup_asd-crashrecovery-x.tar.zstd",
+    ] {
+        w.h.err(&w.alice, "MakeBeside", call(bad, "dir"), "InvalidPath");
+        w.h.err(
+            &w.alice,
+            "RemoveBeside",
+            json!({"target": t, "name": bad}),
+            "InvalidPath",
+        );
+    }
+    // bob, for alice's target: refused, nothing made.
+    let before = Untouched::take(&w.h, &[&parent]);
+    w.h.err(
+        &w.bob,
+        "MakeBeside",
+        call(".t-backup_asd-changes", "dir"),
+        "NotAuthorized",
+    );
+    w.h.err(
+        &w.bob,
+        "RemoveBeside",
+        json!({"target": t, "name": ".t-backup_asd-old"}),
+        "NotAuthorized",
+    );
+    before.check(&w.h);
+    // An entry with asd's name that is not alice's (root put it there) is not hers to remove
+    // or rename.
+    let roots = parent.join(".t-backup_asd-changes");
+    std::fs::write(&roots, "root's").unwrap();
+    w.h.err(
+        &w.alice,
+        "RemoveBeside",
+        json!({"target": t, "name": ".t-backup_asd-changes"}),
+        "NotOwner",
+    );
+    w.h.err(
+        &w.alice,
+        "RenameBeside",
+        json!({"target": t, "from": ".t-backup_asd-changes", "to": ".t-backup_asd-changes.asd-trash"}),
+        "NotOwner",
+    );
+    assert_eq!(std::fs::read_to_string(&roots).unwrap(), "root's");
+    // A parent others may write (they could swap entries under the helper) is refused, and so
+    // is a parent of alice's own (she does it herself).
+    chmod(&parent, 0o777);
+    w.h.err(
+        &w.alice,
+        "MakeBeside",
+        call(".t-backup_asd-changes.asd-trash", "dir"),
+        "PermissionDenied",
+    );
+    chmod(&parent, 0o755);
+    let own = dir_of(&w.alice, &scratch.path.join("t2"));
+    w.h.err(
+        &w.alice,
+        "MakeBeside",
+        json!({"target": own, "name": ".t2-backup_asd-old", "kind": "dir"}),
+        "PermissionDenied",
+    );
+    // alice removes what is hers; a directory only when empty.
+    std::fs::write(parent.join(".t-backup_asd-old/inner"), "x").unwrap();
+    chown(&parent.join(".t-backup_asd-old/inner"), &w.alice);
+    w.h.err(
+        &w.alice,
+        "RemoveBeside",
+        json!({"target": t, "name": ".t-backup_asd-old"}),
+        "SystemError",
+    );
+    std::fs::remove_file(parent.join(".t-backup_asd-old/inner")).unwrap();
+    for name in [".t-backup_asd-old", snap] {
+        w.h.ok(&w.alice, "RemoveBeside", json!({"target": t, "name": name}));
+    }
+    let mut left = listing(&parent);
+    left.sort();
+    assert_eq!(
+        left,
+        vec![".t-backup_asd-changes".to_string(), "t".to_string()]
+    );
+    w.h.assert_serving();
 }

@@ -1,14 +1,19 @@
 //! Namespace operations in a target's parent directory (create, rename, remove entries by name),
 //! done by the manager itself: they read no user data, and the parent may be writable only by
 //! root (e.g. `/srv` for `/srv/http`). Everything is relative to an opened parent descriptor and
-//! never follows a symlink.
+//! never follows a symlink. A per-user manager that may not write such a parent asks the root
+//! helper (`MakeBeside`, `RenameBeside`, `RemoveBeside`), which does exactly these steps for
+//! asd's own names beside a target of the caller's, after polkit allowed the target.
 
 use std::ffi::OsStr;
 use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
+use asd_protocol::client::{Client, ClientError};
+use asd_protocol::EntryKind;
 use rustix::fs::{AtFlags, Mode, OFlags};
+use rustix::io::Errno;
 
 use crate::mount::open_dir;
 use crate::state::Owner;
@@ -46,6 +51,55 @@ fn parent_and_name(path: &Path) -> Result<(OwnedFd, &OsStr), NsError> {
     Ok((fd, name))
 }
 
+/// Whether a failed step in a parent may be done by the helper instead: the manager is not root
+/// and was not allowed to write there.
+fn helper_may_help(e: Errno) -> bool {
+    matches!(e, Errno::ACCESS | Errno::PERM) && !rustix::process::geteuid().is_root()
+}
+
+/// The target an entry of asd's belongs to: `.NAME-backup_asd...` beside `NAME` (or `.NAME`,
+/// whose entries have the same names: a leading dot is not doubled).
+fn target_of(entry: &Path) -> Option<PathBuf> {
+    let name = entry.file_name()?.to_str()?;
+    let at = name.rfind("-backup_asd")?;
+    let dotted = &name[..at];
+    let plain = dotted.strip_prefix('.')?;
+    let parent = entry.parent()?;
+    let candidates = [parent.join(plain), parent.join(dotted)];
+    let found = candidates.iter().find(|c| c.is_dir()).cloned();
+    Some(found.unwrap_or_else(|| parent.join(plain)))
+}
+
+/// Runs one step through the helper for `entry`; `e` is what the manager's own attempt got.
+fn via_helper(
+    entry: &Path,
+    op: &'static str,
+    e: Errno,
+    step: impl FnOnce(&mut Client, &Path, &str) -> Result<(), ClientError>,
+) -> Result<(), NsError> {
+    let fail = |source: std::io::Error| NsError {
+        op,
+        path: entry.to_path_buf(),
+        source,
+    };
+    let (Some(target), Some(name)) = (target_of(entry), entry.file_name().and_then(OsStr::to_str))
+    else {
+        return Err(fail(e.into()));
+    };
+    tracing::debug!(
+        "{op} {}: not allowed to the manager ({e}); asking the helper",
+        entry.display()
+    );
+    let socket = asd_protocol::socket_path();
+    let mut client = Client::connect(&socket).map_err(|c| {
+        fail(std::io::Error::other(format!(
+            "{e}, and the asd helper that does this for a parent only root may write cannot be reached ({c})"
+        )))
+    })?;
+    step(&mut client, &target, name)
+        .map_err(|c| fail(std::io::Error::other(format!("the asd helper: {c}"))))
+}
+
 fn chown_fd(fd: &OwnedFd, owner: &Owner, path: &Path) -> Result<(), NsError> {
     if rustix::process::geteuid().as_raw() == owner.uid {
         return Ok(());
@@ -61,7 +115,13 @@ fn chown_fd(fd: &OwnedFd, owner: &Owner, path: &Path) -> Result<(), NsError> {
 /// Create the directory `path` (0700, given to `owner`); it must not exist.
 pub fn mkdir_owned(path: &Path, owner: &Owner) -> Result<(), NsError> {
     let (parent, name) = parent_and_name(path)?;
-    rustix::fs::mkdirat(&parent, name, Mode::from_raw_mode(0o700)).map_err(err("mkdir", path))?;
+    match rustix::fs::mkdirat(&parent, name, Mode::from_raw_mode(0o700)) {
+        Ok(()) => {}
+        Err(e) if helper_may_help(e) => via_helper(path, "mkdir", e, |c, t, n| {
+            c.make_beside(t, n, EntryKind::Dir)
+        })?,
+        Err(e) => return Err(err("mkdir", path)(e)),
+    }
     let fd = rustix::fs::openat(
         &parent,
         name,
@@ -86,13 +146,39 @@ pub fn mkdir_owned(path: &Path, owner: &Owner) -> Result<(), NsError> {
 /// Create the new file `path` (0600, given to `owner`) and return it open for writing.
 pub fn create_owned_file(path: &Path, owner: &Owner) -> Result<File, NsError> {
     let (parent, name) = parent_and_name(path)?;
-    let fd = rustix::fs::openat(
+    let fd = match rustix::fs::openat(
         &parent,
         name,
         OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
         Mode::from_raw_mode(0o600),
-    )
-    .map_err(err("create", path))?;
+    ) {
+        Ok(fd) => fd,
+        Err(e) if helper_may_help(e) => {
+            via_helper(path, "create", e, |c, t, n| {
+                c.make_beside(t, n, EntryKind::File)
+            })?;
+            // The helper made it empty and ours: open it and check that it still is.
+            let fd = rustix::fs::openat(
+                &parent,
+                name,
+                OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(err("open", path))?;
+            let st = rustix::fs::fstat(&fd).map_err(err("stat", path))?;
+            let regular = rustix::fs::FileType::from_raw_mode(st.st_mode)
+                == rustix::fs::FileType::RegularFile;
+            if !regular || st.st_uid != owner.uid || st.st_size != 0 || st.st_nlink != 1 {
+                return Err(NsError {
+                    op: "check new file",
+                    path: path.to_path_buf(),
+                    source: std::io::Error::other("replaced after it was created; try again"),
+                });
+            }
+            fd
+        }
+        Err(e) => return Err(err("create", path)(e)),
+    };
     chown_fd(&fd, owner, path)?;
     Ok(File::from(fd))
 }
@@ -101,8 +187,15 @@ pub fn create_owned_file(path: &Path, owner: &Owner) -> Result<File, NsError> {
 pub fn rename(from: &Path, to: &Path) -> Result<(), NsError> {
     let (parent, from_name) = parent_and_name(from)?;
     let to_name = to.file_name().unwrap_or_default();
-    rustix::fs::renameat(&parent, from_name, &parent, to_name).map_err(err("rename", from))?;
-    sync_dir(&parent, from)
+    match rustix::fs::renameat(&parent, from_name, &parent, to_name) {
+        Ok(()) => sync_dir(&parent, from),
+        // The helper's rename is durable when it answers.
+        Err(e) if helper_may_help(e) => {
+            let to_name = to_name.to_str().unwrap_or_default();
+            via_helper(from, "rename", e, |c, t, n| c.rename_beside(t, n, to_name))
+        }
+        Err(e) => Err(err("rename", from)(e)),
+    }
 }
 
 fn sync_dir(fd: &OwnedFd, path: &Path) -> Result<(), NsError> {
@@ -121,6 +214,9 @@ pub fn rmdir(path: &Path) -> Result<(), NsError> {
     let (parent, name) = parent_and_name(path)?;
     match rustix::fs::unlinkat(&parent, name, AtFlags::REMOVEDIR) {
         Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
+        Err(e) if helper_may_help(e) => {
+            via_helper(path, "rmdir", e, |c, t, n| c.remove_beside(t, n))
+        }
         Err(e) => Err(err("rmdir", path)(e)),
     }
 }
@@ -130,6 +226,9 @@ pub fn unlink(path: &Path) -> Result<(), NsError> {
     let (parent, name) = parent_and_name(path)?;
     match rustix::fs::unlinkat(&parent, name, AtFlags::empty()) {
         Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
+        Err(e) if helper_may_help(e) => {
+            via_helper(path, "remove", e, |c, t, n| c.remove_beside(t, n))
+        }
         Err(e) => Err(err("remove", path)(e)),
     }
 }

@@ -5,6 +5,7 @@ mod common;
 use common::world::World;
 use common::*;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 
 #[test]
 fn alice_syncs_her_home_dir_through_the_helper() {
@@ -375,4 +376,81 @@ fn refusal_outside_home_is_said_once_and_names_the_rules_file() {
         .filter(|n| n.starts_with(".outside-backup_asd"))
         .collect();
     assert!(left.is_empty(), "{left:?}");
+}
+
+/// A target whose parent only root may write (here a root-owned directory in alice's home; a
+/// `/srv/alice` under a root-owned `/srv` is the same once polkit allows it): the start clone,
+/// the change set and the crash-recovery snapshots beside it are made, renamed and removed for
+/// her by the helper. Sync, resync, a power cut, recovery with a snapshot, unsync and `asd clean`
+/// all work, in both modes, and nothing is left.
+#[test]
+fn parent_only_root_may_write() {
+    let Some(mut w) = World::new() else { return };
+    for (mode, extra) in [("copy", ""), ("overlay", "USE_OVERLAYFS=yes\n")] {
+        let (_, _, conf) = w.user_setup("asdalice", &format!("work-rp-{mode}"));
+        let parent = PathBuf::from(format!("/home/asdalice/rootparent-{mode}"));
+        let _ = std::fs::remove_dir_all(&parent);
+        let target = parent.join("t");
+        w.ns.sh_ok(&format!(
+            "mkdir -p '{t}' && chmod 0755 '{p}' && echo one > '{t}/one' && chown -R asdalice: '{t}'",
+            p = parent.display(),
+            t = target.display()
+        ));
+        std::fs::write(
+            &conf,
+            format!(
+                "WHATTOSYNC=('{}')\nVOLATILE='{}'\n{extra}",
+                target.display(),
+                w.ns.vol().display()
+            ),
+        )
+        .expect("conf");
+        let denied = w.ns.sh(&format!(
+            "su asdalice -s /bin/sh -c 'mkdir {}/x'",
+            parent.display()
+        ));
+        assert!(
+            !denied.status.success(),
+            "the parent must not be hers to write"
+        );
+        w.asd_as_ok("asdalice", &conf, &["sync"]);
+        w.ns.sh_ok(&format!(
+            "su asdalice -s /bin/sh -c 'echo two > {}/two'",
+            target.display()
+        ));
+        w.asd_as_ok("asdalice", &conf, &["resync"]);
+        w.power_cut(&["asdalice"], false);
+        let out = w.asd_as_ok("asdalice", &conf, &["sync"]);
+        assert!(out.contains("recover"), "{out}");
+        let names = |p: &Path| -> Vec<String> {
+            let mut v: Vec<String> = std::fs::read_dir(p)
+                .expect("list")
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        };
+        let snapshots: Vec<String> = names(&parent)
+            .into_iter()
+            .filter(|n| n.ends_with(".tar.zstd"))
+            .collect();
+        assert_eq!(snapshots.len(), 1, "{:?}", names(&parent));
+        let snap = std::fs::metadata(parent.join(&snapshots[0])).expect("snapshot");
+        assert_eq!(snap.uid(), test_user("asdalice").0, "the snapshot is hers");
+        w.asd_as_ok("asdalice", &conf, &["unsync"]);
+        assert!(w.ns.our_mounts().is_empty(), "{:?}", w.ns.our_mounts());
+        assert_eq!(
+            std::fs::read_to_string(target.join("two")).expect("two"),
+            "two\n"
+        );
+        let left: Vec<String> = names(&parent)
+            .into_iter()
+            .filter(|n| n != "t" && !n.ends_with(".tar.zstd"))
+            .collect();
+        assert!(left.is_empty(), "left beside the target: {left:?}");
+        let out = w.asd_as_ok("asdalice", &conf, &["clean"]);
+        assert_eq!(names(&parent), vec!["t".to_string()], "{out}");
+        let _ = std::fs::remove_dir_all(&parent);
+    }
 }

@@ -22,8 +22,8 @@ use crate::error::ServiceError;
 use crate::frame::{encode, FrameDecoder, FrameError};
 use crate::message::{Call, Reply};
 use crate::method::{
-    AreaReply, BackupReply, CoverReply, DetachReply, FreezeReply, Info, InterfaceDescription,
-    Method, Mode, MountList, OverlayReply,
+    AreaReply, BackupReply, CoverReply, DetachReply, EntryKind, FreezeReply, Info,
+    InterfaceDescription, Method, Mode, MountList, OverlayReply,
 };
 
 /// Largest reply the client accepts (replies are small; a list of mounts is the biggest).
@@ -231,6 +231,45 @@ impl Client {
             frozen,
         })?)?;
         Ok(r.frozen)
+    }
+
+    /// Creates asd's entry `name` beside `target` (a directory or file) for the caller.
+    pub fn make_beside(
+        &mut self,
+        target: &Path,
+        name: &str,
+        kind: EntryKind,
+    ) -> Result<(), ClientError> {
+        self.call(Method::MakeBeside {
+            target: path_str(target)?,
+            name: name.to_string(),
+            kind,
+        })
+        .map(|_| ())
+    }
+
+    /// Renames asd's entry `from` beside `target` to `to`.
+    pub fn rename_beside(
+        &mut self,
+        target: &Path,
+        from: &str,
+        to: &str,
+    ) -> Result<(), ClientError> {
+        self.call(Method::RenameBeside {
+            target: path_str(target)?,
+            from: from.to_string(),
+            to: to.to_string(),
+        })
+        .map(|_| ())
+    }
+
+    /// Removes asd's entry `name` beside `target` (a file or an empty directory).
+    pub fn remove_beside(&mut self, target: &Path, name: &str) -> Result<(), ClientError> {
+        self.call(Method::RemoveBeside {
+            target: path_str(target)?,
+            name: name.to_string(),
+        })
+        .map(|_| ())
     }
 
     /// The caller's area and mounts.

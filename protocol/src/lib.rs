@@ -28,8 +28,8 @@ pub use error::ServiceError;
 pub use frame::{FrameDecoder, FrameError, DEFAULT_MAX_MESSAGE};
 pub use message::{Call, Reply, RequestError};
 pub use method::{
-    AreaReply, BackupReply, CoverReply, DetachReply, FreezeReply, Info, Method, Mode, MountEntry,
-    MountList, OverlayReply,
+    AreaReply, BackupReply, CoverReply, DetachReply, EntryKind, FreezeReply, Info, Method, Mode,
+    MountEntry, MountList, OverlayReply,
 };
 
 /// The helper's interface name.

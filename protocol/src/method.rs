@@ -48,14 +48,74 @@ impl fmt::Display for Mode {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Method {
     GetInfo,
-    GetInterfaceDescription { interface: String },
-    PrepareArea { volatile: String },
-    BindBackup { target: String, mode: Mode },
-    MountOverlay { target: String },
-    Cover { target: String, mode: Mode },
-    Detach { target: String },
-    Freeze { target: String, frozen: bool },
+    GetInterfaceDescription {
+        interface: String,
+    },
+    PrepareArea {
+        volatile: String,
+    },
+    BindBackup {
+        target: String,
+        mode: Mode,
+    },
+    MountOverlay {
+        target: String,
+    },
+    Cover {
+        target: String,
+        mode: Mode,
+    },
+    Detach {
+        target: String,
+    },
+    Freeze {
+        target: String,
+        frozen: bool,
+    },
+    /// Entries asd keeps beside a target whose parent only root may write (see the IDL).
+    MakeBeside {
+        target: String,
+        name: String,
+        kind: EntryKind,
+    },
+    RenameBeside {
+        target: String,
+        from: String,
+        to: String,
+    },
+    RemoveBeside {
+        target: String,
+        name: String,
+    },
     ListMounts,
+}
+
+/// What `MakeBeside` creates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EntryKind {
+    Dir,
+    File,
+}
+
+impl EntryKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EntryKind::Dir => "dir",
+            EntryKind::File => "file",
+        }
+    }
+
+    /// `dir` or `file`, exactly.
+    pub fn parse(s: &str) -> Result<EntryKind, ServiceError> {
+        match s {
+            "dir" => Ok(EntryKind::Dir),
+            "file" => Ok(EntryKind::File),
+            _ => Err(ServiceError::InvalidParameter {
+                parameter: "kind".into(),
+            }),
+        }
+    }
 }
 
 /// Reads the parameters of one call, strictly: every expected key with the right type, and no
@@ -109,6 +169,9 @@ impl Method {
             Method::Cover { .. } => "Cover",
             Method::Detach { .. } => "Detach",
             Method::Freeze { .. } => "Freeze",
+            Method::MakeBeside { .. } => "MakeBeside",
+            Method::RenameBeside { .. } => "RenameBeside",
+            Method::RemoveBeside { .. } => "RemoveBeside",
             Method::ListMounts => "ListMounts",
         }
     }
@@ -130,7 +193,10 @@ impl Method {
             | Method::MountOverlay { target }
             | Method::Cover { target, .. }
             | Method::Detach { target }
-            | Method::Freeze { target, .. } => Some(target),
+            | Method::Freeze { target, .. }
+            | Method::MakeBeside { target, .. }
+            | Method::RenameBeside { target, .. }
+            | Method::RemoveBeside { target, .. } => Some(target),
             Method::GetInterfaceDescription { interface } => Some(interface),
             Method::GetInfo | Method::ListMounts => None,
         }
@@ -153,6 +219,20 @@ impl Method {
             Method::Freeze { target, frozen } => {
                 put("target", target);
                 m.insert("frozen".to_string(), Value::Bool(*frozen));
+            }
+            Method::MakeBeside { target, name, kind } => {
+                put("target", target);
+                put("name", name);
+                put("kind", kind.as_str());
+            }
+            Method::RenameBeside { target, from, to } => {
+                put("target", target);
+                put("from", from);
+                put("to", to);
+            }
+            Method::RemoveBeside { target, name } => {
+                put("target", target);
+                put("name", name);
             }
         }
         m
@@ -222,6 +302,29 @@ impl Method {
                 Method::Freeze {
                     target: p.string("target")?,
                     frozen: p.boolean("frozen")?,
+                }
+            }
+            (HELPER_INTERFACE, "MakeBeside") => {
+                p.only(&["target", "name", "kind"])?;
+                Method::MakeBeside {
+                    target: p.string("target")?,
+                    name: p.string("name")?,
+                    kind: EntryKind::parse(&p.string("kind")?)?,
+                }
+            }
+            (HELPER_INTERFACE, "RenameBeside") => {
+                p.only(&["target", "from", "to"])?;
+                Method::RenameBeside {
+                    target: p.string("target")?,
+                    from: p.string("from")?,
+                    to: p.string("to")?,
+                }
+            }
+            (HELPER_INTERFACE, "RemoveBeside") => {
+                p.only(&["target", "name"])?;
+                Method::RemoveBeside {
+                    target: p.string("target")?,
+                    name: p.string("name")?,
                 }
             }
             (HELPER_INTERFACE, "ListMounts") => {
@@ -371,6 +474,25 @@ mod tests {
                 target: "/home/a/x".into(),
                 frozen: false,
             },
+            Method::MakeBeside {
+                target: "/srv/a".into(),
+                name: ".a-backup_asd-old.partial".into(),
+                kind: EntryKind::Dir,
+            },
+            Method::MakeBeside {
+                target: "/srv/a".into(),
+                name: ".a-backup_asd-crashrecovery-20261204_050000.tar.zstd.partial".into(),
+                kind: EntryKind::File,
+            },
+            Method::RenameBeside {
+                target: "/srv/a".into(),
+                from: ".a-backup_asd-old.partial".into(),
+                to: ".a-backup_asd-old".into(),
+            },
+            Method::RemoveBeside {
+                target: "/srv/a".into(),
+                name: ".a-backup_asd-old.asd-trash".into(),
+            },
             Method::ListMounts,
         ];
         for m in all {
@@ -468,6 +590,9 @@ mod tests {
             "Cover",
             "Detach",
             "Freeze",
+            "MakeBeside",
+            "RenameBeside",
+            "RemoveBeside",
             "ListMounts",
         ] {
             assert!(crate::HELPER_IDL.contains(&format!("\nmethod {name}(")));
