@@ -157,6 +157,13 @@ pub fn recover(
         Mode::Overlay => nsops::exists(&p.upper) && (stage == Some(Stage::Synced) || found.covered),
     };
 
+    // A stray, non-empty directory on the backup path (no mount) stops the recovery at its end
+    // anyway: say so before anything is done, so a start that keeps failing on it does not take
+    // a snapshot each time and rotate older ones out of BACKUP_LIMIT.
+    if !found.backup_mounted {
+        check_backup_dir_gone(p)?;
+    }
+
     // The snapshot keeps the start state (or, without one, the disk as found) before anything
     // on disk changes.
     if cfg.use_backups {

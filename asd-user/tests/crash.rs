@@ -280,7 +280,9 @@ fn failing_recovery_takes_one_snapshot_however_often_retried() {
     if !require_root() {
         return;
     }
-    for keep_state in [true, false] {
+    // With the start clone and without it (each failed attempt took a snapshot of the disk as
+    // found then, rotating older ones out).
+    for (keep_state, clone) in [(true, true), (false, true), (false, false)] {
         let ns = Ns::new();
         let target = ns.data().join("t");
         std::fs::create_dir(&target).expect("mkdir");
@@ -295,6 +297,9 @@ fn failing_recovery_takes_one_snapshot_however_often_retried() {
             std::fs::remove_dir_all(ns.run_dir()).expect("forget runtime state");
         }
         std::fs::write(p.backup.join("stray"), "x").expect("stray file");
+        if !clone {
+            std::fs::remove_dir_all(&p.old).expect("remove the start clone");
+        }
         for attempt in 0..3 {
             let out = ns.asd_cmd(&["sync"]).output().expect("asd");
             let text = String::from_utf8_lossy(&out.stderr);
@@ -311,18 +316,23 @@ fn failing_recovery_takes_one_snapshot_however_often_retried() {
             v.sort();
             v
         };
-        let after_failures = snaps(&ns);
+        // A recovery that cannot finish says so before it changes anything: no snapshot yet.
         assert_eq!(
-            after_failures.len(),
-            2,
-            "the older snapshot and one new one (keep_state {keep_state}): {after_failures:?}"
+            snaps(&ns),
+            vec![older.clone()],
+            "failed attempts took snapshots (keep_state {keep_state}, clone {clone})"
         );
-        assert_eq!(after_failures[0], older);
         std::fs::remove_file(p.backup.join("stray")).expect("fix");
         let out = ns.asd_ok(&["sync"]);
         assert!(out.contains("recovered"), "{out}");
-        assert_eq!(snaps(&ns), after_failures, "the fixed retry took another");
-        let restored = extract(&ns, &after_failures[1]);
+        let after = snaps(&ns);
+        assert_eq!(
+            after.len(),
+            2,
+            "the older snapshot and one new one: {after:?}"
+        );
+        assert_eq!(after[0], older);
+        let restored = extract(&ns, &after[1]);
         assert!(versions(&restored, &[1]).iter().all(|v| *v == Some(1)));
         ns.asd_ok(&["unsync"]);
         assert!(versions(&target, &[1]).iter().all(|v| *v == Some(1)));
