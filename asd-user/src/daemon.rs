@@ -75,10 +75,8 @@ fn wait_signal(set: &nix::sys::signal::SigSet, timeout: Duration) -> Option<i32>
 
 pub fn run(engine: &Engine) -> Result<(), DaemonError> {
     let set = block_signals()?;
-    let errors = ErrorLines::default();
-    let sync = tracing::dispatcher::with_default(&errors.dispatch(), || engine.sync());
     let mut problem = None;
-    let report = match sync {
+    let report = match engine.sync() {
         Err(EngineError::Plan(crate::plan::PlanError::NoTargets(file))) => {
             return idle_without_targets(&set, &file);
         }
@@ -86,7 +84,7 @@ pub fn run(engine: &Engine) -> Result<(), DaemonError> {
         // matter more than the exit status); the failure is logged and shown in the status.
         Err(e @ EngineError::Partial { .. }) if has_live_targets(engine) => {
             tracing::error!("{e}; carrying on with the targets that are in RAM");
-            problem = Some(failed_status("NOT in RAM", &e, &errors));
+            problem = Some(failed_status("NOT in RAM", &e));
             crate::engine::Report::default()
         }
         Err(e) => {
@@ -95,7 +93,6 @@ pub fn run(engine: &Engine) -> Result<(), DaemonError> {
             notify(&[sd_notify::NotifyState::Status(&failed_status(
                 "not started",
                 &e,
-                &errors,
             ))]);
             return Err(e.into());
         }
@@ -160,13 +157,10 @@ pub fn run(engine: &Engine) -> Result<(), DaemonError> {
         sd_notify::NotifyState::Stopping,
         sd_notify::NotifyState::Status("writing back to disk"),
     ]);
-    let errors = ErrorLines::default();
-    let unsync = tracing::dispatcher::with_default(&errors.dispatch(), || engine.unsync());
-    if let Err(e) = unsync {
+    if let Err(e) = engine.unsync() {
         notify(&[sd_notify::NotifyState::Status(&failed_status(
             "stop failed",
             &e,
-            &errors,
         ))]);
         return Err(e.into());
     }
@@ -174,97 +168,18 @@ pub fn run(engine: &Engine) -> Result<(), DaemonError> {
 }
 
 /// A one-line status (systemd reads STATUS= up to the end of the line) naming what went wrong:
-/// the error, or for a partial failure ("see the messages above") the errors logged meanwhile.
-fn failed_status(what: &str, e: &EngineError, errors: &ErrorLines) -> String {
-    let logged = errors
-        .lines
-        .lock()
-        .map(|l| l.join("; "))
-        .unwrap_or_default();
+/// the error, or for a partial failure ("see the messages above") each target's own message.
+fn failed_status(what: &str, e: &EngineError) -> String {
     let msg = match e {
-        EngineError::Partial { .. } if !logged.is_empty() => format!("{what}: {logged}"),
+        EngineError::Partial { reasons, .. } if !reasons.is_empty() => {
+            format!("{what}: {}", reasons.join("; "))
+        }
         _ => format!("{what}: {e}"),
     }
     .replace('\n', "; ");
     match msg.char_indices().nth(1000) {
         Some((i, _)) => format!("{}...", &msg[..i]),
         None => msg,
-    }
-}
-
-/// The ERROR lines logged while a dispatch made by `dispatch` is the default: the engine logs
-/// each target's failure and returns only a count.
-#[derive(Default)]
-struct ErrorLines {
-    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-}
-
-impl ErrorLines {
-    fn dispatch(&self) -> tracing::Dispatch {
-        let inner = tracing::dispatcher::get_default(|d| d.clone());
-        tracing::Dispatch::new(Recorder {
-            inner,
-            lines: self.lines.clone(),
-        })
-    }
-}
-
-/// Passes everything on to the subscriber set up by `main`, keeping a copy of the ERROR lines.
-struct Recorder {
-    inner: tracing::Dispatch,
-    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-}
-
-impl tracing::Subscriber for Recorder {
-    fn register_callsite(
-        &self,
-        m: &'static tracing::Metadata<'static>,
-    ) -> tracing::subscriber::Interest {
-        self.inner.register_callsite(m)
-    }
-    fn enabled(&self, m: &tracing::Metadata<'_>) -> bool {
-        self.inner.enabled(m)
-    }
-    fn new_span(&self, a: &tracing::span::Attributes<'_>) -> tracing::span::Id {
-        self.inner.new_span(a)
-    }
-    fn record(&self, id: &tracing::span::Id, r: &tracing::span::Record<'_>) {
-        self.inner.record(id, r)
-    }
-    fn record_follows_from(&self, id: &tracing::span::Id, follows: &tracing::span::Id) {
-        self.inner.record_follows_from(id, follows)
-    }
-    fn event(&self, event: &tracing::Event<'_>) {
-        if *event.metadata().level() == tracing::Level::ERROR {
-            let mut m = Message(String::new());
-            event.record(&mut m);
-            if let Ok(mut lines) = self.lines.lock() {
-                lines.push(m.0);
-            }
-        }
-        self.inner.event(event)
-    }
-    fn enter(&self, id: &tracing::span::Id) {
-        self.inner.enter(id)
-    }
-    fn exit(&self, id: &tracing::span::Id) {
-        self.inner.exit(id)
-    }
-    fn clone_span(&self, id: &tracing::span::Id) -> tracing::span::Id {
-        self.inner.clone_span(id)
-    }
-    fn try_close(&self, id: tracing::span::Id) -> bool {
-        self.inner.try_close(id)
-    }
-}
-
-struct Message(String);
-
-impl tracing::field::Visit for Message {
-    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-        if field.name() == "message" {
-            self.0 = format!("{value:?}");
-        }
     }
 }
 

@@ -35,8 +35,10 @@ pub enum EngineError {
     },
     #[error("asd is not running (no state in {0}); run `asd sync` first")]
     NotRunning(PathBuf),
-    #[error("{} of {} targets failed; see the messages above", failed, total)]
-    Partial { failed: usize, total: usize },
+    /// Some targets failed, others did not; `reasons` holds each failure's message (logged as it
+    /// happened), for callers that show them elsewhere (the unit's status line).
+    #[error("{} of {} targets failed; see the messages above", reasons.len(), total)]
+    Partial { total: usize, reasons: Vec<String> },
 }
 
 fn target_err(target: &Path, e: impl std::error::Error + Send + Sync + 'static) -> EngineError {
@@ -58,6 +60,32 @@ fn busy_named(target: &Path, e: MountError) -> EngineError {
         }
     }
     target_err(target, e)
+}
+
+/// The failed targets of one command: each logged when it happens, and kept for the error.
+#[derive(Default)]
+struct Failures(Vec<String>);
+
+impl Failures {
+    fn add(&mut self, message: String) {
+        tracing::error!("{message}");
+        self.0.push(message);
+    }
+
+    fn any(&self) -> bool {
+        !self.0.is_empty()
+    }
+
+    fn count(&self) -> usize {
+        self.0.len()
+    }
+
+    fn into_error(self, total: usize) -> EngineError {
+        EngineError::Partial {
+            total,
+            reasons: self.0,
+        }
+    }
 }
 
 /// Where to find things, and how to mount.
@@ -139,7 +167,7 @@ impl Engine<'_> {
         // Targets the state knows but that are not intact: recover them from what was recorded.
         // One that cannot be recovered stays recorded (and is retried next time); the others go
         // on, so live targets keep being served.
-        let mut failed = 0;
+        let mut failed = Failures::default();
         let had_state = !state.targets.is_empty();
         for t in state.targets.clone() {
             if recover::is_live(&t) {
@@ -152,10 +180,10 @@ impl Engine<'_> {
                     state.remove(&t.paths.target);
                     self.runtime.save(&state)?;
                 }
-                Err(e) => {
-                    tracing::error!("{}: recovery failed: {e}", t.paths.target.display());
-                    failed += 1;
-                }
+                Err(e) => failed.add(format!(
+                    "{}: recovery failed: {e}",
+                    t.paths.target.display()
+                )),
             }
         }
         if had_state && state.targets.is_empty() {
@@ -175,12 +203,9 @@ impl Engine<'_> {
         let mut todo_cfg = cfg.clone();
         todo_cfg.whattosync.retain(|t| !live.contains(t));
         if todo_cfg.whattosync.is_empty() && !live.is_empty() {
-            report.already_running = failed == 0;
-            if failed > 0 {
-                return Err(EngineError::Partial {
-                    failed,
-                    total: live.len(),
-                });
+            report.already_running = !failed.any();
+            if failed.any() {
+                return Err(failed.into_error(live.len()));
             }
             return Ok(report);
         }
@@ -200,27 +225,23 @@ impl Engine<'_> {
                 Ok(rec) if rec.ungraceful => report.recovered.push((t.paths.target.clone(), rec)),
                 Ok(_) => {}
                 Err(e) => {
-                    tracing::error!("{}: recovery failed: {e}", t.paths.target.display());
-                    failed += 1;
+                    failed.add(format!(
+                        "{}: recovery failed: {e}",
+                        t.paths.target.display()
+                    ));
                     continue;
                 }
             }
             match self.sync_one(p, &cfg, &mut state) {
                 Ok(()) => report.synced.push(p.paths.target.clone()),
-                Err(e) => {
-                    tracing::error!("{e}");
-                    failed += 1;
-                }
+                Err(e) => failed.add(e.to_string()),
             }
         }
         if state.targets.is_empty() {
             self.runtime.clear()?;
         }
-        if failed > 0 {
-            return Err(EngineError::Partial {
-                failed,
-                total: planned.len(),
-            });
+        if failed.any() {
+            return Err(failed.into_error(planned.len()));
         }
         Ok(report)
     }
@@ -426,14 +447,13 @@ impl Engine<'_> {
             .load()?
             .ok_or_else(|| EngineError::NotRunning(self.runtime.dir().to_path_buf()))?;
         let mut report = Report::default();
-        let mut failed = 0;
+        let mut failed = Failures::default();
         for t in state.targets.iter_mut() {
             if !recover::is_live(t) {
-                tracing::error!(
-                    "{}: not in RAM any more (its mounts are gone or incomplete); run `asd sync` to recover it",
+                failed.add(format!(
+                    "{}: not in RAM any more (its mounts are gone or incomplete, or not the ones asd made); run `asd sync` to recover it",
                     t.paths.target.display()
-                );
-                failed += 1;
+                ));
                 continue;
             }
             // Taken before the walk: whatever changes during it is newer and is seen next time.
@@ -443,19 +463,13 @@ impl Engine<'_> {
                     t.clean_since = Some(started);
                     report.stats.push((t.paths.target.clone(), s))
                 }
-                Err(e) => {
-                    tracing::error!("{e}");
-                    failed += 1;
-                }
+                Err(e) => failed.add(e.to_string()),
             }
         }
         state.last_resync = Some(state::now_secs());
         self.runtime.save(&state)?;
-        if failed > 0 {
-            return Err(EngineError::Partial {
-                failed,
-                total: state.targets.len(),
-            });
+        if failed.any() {
+            return Err(failed.into_error(state.targets.len()));
         }
         Ok(report)
     }
@@ -474,7 +488,7 @@ impl Engine<'_> {
                 areas.push((t.paths.user_area.clone(), t.owner.clone()));
             }
         }
-        let mut failed = 0;
+        let mut failed = Failures::default();
         for t in state.targets.clone() {
             let result = if recover::is_live(&t) {
                 self.unsync_live(&t, &mut state)
@@ -489,17 +503,12 @@ impl Engine<'_> {
                     self.runtime.save(&state)?;
                     report.unsynced.push(t.paths.target.clone());
                 }
-                Err(e) => {
-                    tracing::error!("{e}");
-                    failed += 1;
-                }
+                Err(e) => failed.add(e.to_string()),
             }
         }
-        if failed > 0 {
-            return Err(EngineError::Partial {
-                failed,
-                total: report.unsynced.len() + failed,
-            });
+        if failed.any() {
+            let total = report.unsynced.len() + failed.count();
+            return Err(failed.into_error(total));
         }
         self.runtime.clear()?;
         // A user's area may hold other targets elsewhere in it: prune only empty directories,
