@@ -3,6 +3,7 @@
 //! namespace. Everything mounted disappears when the holder is killed, even if the test panics.
 #![allow(dead_code)]
 
+pub mod loopfs;
 pub mod versioned;
 pub mod world;
 
