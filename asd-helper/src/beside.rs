@@ -14,7 +14,7 @@ use asd_protocol::{EntryKind, ServiceError};
 use rustix::fs::{AtFlags, Mode as FsMode, OFlags, RenameFlags};
 use rustix::io::Errno;
 
-use crate::ops::{lookup_err, sys_err};
+use crate::ops::{lookup_err, open_with_parent, sys_err};
 use crate::paths::{self, display};
 use crate::sys::{self, FsCreds};
 
@@ -60,20 +60,13 @@ pub fn is_asd_name(target: &Path, name: &str) -> bool {
 /// touched) and that the parent is root's and writable by nobody else (elsewhere the caller
 /// either can do this alone, or others could swap entries under the helper).
 fn open_parent(creds: &FsCreds, target: &Path) -> Result<OwnedFd, ServiceError> {
-    let (Some(parent_path), Some(tname)) = (target.parent(), target.file_name()) else {
-        return Err(ServiceError::InvalidPath {
+    let (parent, _, st) = open_with_parent(target)?;
+    let parent_path = target.parent().unwrap_or(Path::new("/"));
+    if !sys::is_dir(&st) {
+        return Err(ServiceError::NotADirectory {
             path: display(target),
-            reason: "no parent".into(),
         });
-    };
-    let parent = sys::open_dir(
-        sys::at_fdcwd(),
-        parent_path,
-        rustix::fs::ResolveFlags::empty(),
-    )
-    .map_err(|e| lookup_err(target, e))?;
-    let fd = sys::open_child_dir(&parent, tname).map_err(|e| lookup_err(target, e))?;
-    let st = sys::fstat(&fd).map_err(|e| sys_err("stat", target, e))?;
+    }
     if st.st_uid != creds.uid {
         return Err(ServiceError::NotOwner {
             path: display(target),

@@ -118,9 +118,11 @@ struct Resolved {
     stat: rustix::fs::Stat,
 }
 
-/// Rules 1, 2 and 6 for a target: a directory owned by the caller, reached without any symlink,
-/// on an ordinary file system, with nothing mounted on or beneath it.
-fn resolve_target(creds: &FsCreds, target: &Path) -> Result<Resolved, ServiceError> {
+/// The target's parent and the target itself, opened (`O_PATH`) with the calling thread's
+/// identity and without following a symlink anywhere, and the target's stat.
+pub(crate) fn open_with_parent(
+    target: &Path,
+) -> Result<(OwnedFd, OwnedFd, rustix::fs::Stat), ServiceError> {
     let (Some(parent_path), Some(name)) = (target.parent(), target.file_name()) else {
         return Err(ServiceError::InvalidPath {
             path: display(target),
@@ -135,6 +137,13 @@ fn resolve_target(creds: &FsCreds, target: &Path) -> Result<Resolved, ServiceErr
     .map_err(|e| lookup_err(target, e))?;
     let fd = sys::open_child_dir(&parent, name).map_err(|e| lookup_err(target, e))?;
     let stat = sys::fstat(&fd).map_err(|e| sys_err("stat", target, e))?;
+    Ok((parent, fd, stat))
+}
+
+/// Rules 1, 2 and 6 for a target: a directory owned by the caller, reached without any symlink,
+/// on an ordinary file system, with nothing mounted on or beneath it.
+fn resolve_target(creds: &FsCreds, target: &Path) -> Result<Resolved, ServiceError> {
+    let (parent, fd, stat) = open_with_parent(target)?;
     if !sys::is_dir(&stat) {
         return Err(ServiceError::NotADirectory {
             path: display(target),
