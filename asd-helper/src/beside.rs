@@ -78,7 +78,38 @@ fn open_parent(creds: &FsCreds, target: &Path) -> Result<OwnedFd, ServiceError> 
             path: display(parent_path),
         });
     }
+    refuse_shared_names(creds, &parent, target)?;
     Ok(parent)
+}
+
+/// `X` and `.X` have the same names beside them (a leading dot is not doubled, as in asd 6.0):
+/// when the other spelling exists and is not the caller's, those names are someone else's too,
+/// and the helper makes, binds or removes none of them for the caller.
+pub fn refuse_shared_names(
+    creds: &FsCreds,
+    parent: &OwnedFd,
+    target: &Path,
+) -> Result<(), ServiceError> {
+    let Some(name) = target.file_name().and_then(OsStr::to_str) else {
+        return Ok(());
+    };
+    let other = match name.strip_prefix('.') {
+        Some(plain) => plain.to_string(),
+        None => format!(".{name}"),
+    };
+    if other.is_empty() || other == "." || other == ".." {
+        return Ok(());
+    }
+    match rustix::fs::statat(parent, other.as_str(), AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) if st.st_uid != creds.uid => Err(ServiceError::BackupInUse {
+            path: display(&target.with_file_name(&other)),
+            reason: format!(
+                "shares asd's names with {} (a leading dot is not doubled) and is not yours",
+                display(target)
+            ),
+        }),
+        _ => Ok(()),
+    }
 }
 
 fn checked_name<'a>(target: &Path, name: &'a str) -> Result<&'a OsStr, ServiceError> {
@@ -160,8 +191,17 @@ pub fn make(
                 FsMode::from_raw_mode(0o600),
             )?,
         };
-        rustix::fs::fchown(&fd, uid, gid)?;
-        rustix::fs::fsync(&fd)
+        // Never leave a root-owned entry behind under asd's name: the caller could not remove
+        // it, nor would the helper for them.
+        let handed = rustix::fs::fchown(&fd, uid, gid).and_then(|()| rustix::fs::fsync(&fd));
+        if handed.is_err() {
+            let flags = match kind {
+                EntryKind::Dir => AtFlags::REMOVEDIR,
+                EntryKind::File => AtFlags::empty(),
+            };
+            let _ = rustix::fs::unlinkat(&parent, n, flags);
+        }
+        handed
     });
     made.map_err(|(e, _)| match e {
         Errno::EXIST => ServiceError::BackupInUse {

@@ -596,13 +596,13 @@ fn detach_with(creds: &FsCreds, rec: &MountRecord, lazy_cover: bool) -> DetachOu
     let same = sys::open_child_dir(&parent, name)
         .ok()
         .and_then(|fd| sys::fstat(&fd).ok())
-        .is_some_and(|st| DirId::of(&st) == created);
+        .is_some_and(|st| DirId::of(&st) == created && st.st_uid == creds.uid);
     if same {
+        // Root only where the caller may not write the parent at all (EACCES); never to get
+        // past a sticky directory's EPERM, which protects someone else's entry.
         let rmdir = || rustix::fs::unlinkat(&parent, name, AtFlags::REMOVEDIR);
         let r = match rmdir() {
-            Err(Errno::ACCESS) | Err(Errno::PERM) => {
-                creds.as_root(rmdir).unwrap_or(Err(Errno::PERM))
-            }
+            Err(Errno::ACCESS) => creds.as_root(rmdir).unwrap_or(Err(Errno::PERM)),
             r => r,
         };
         if r.is_ok() {
@@ -801,6 +801,7 @@ impl Ctx {
                         if mode == Mode::Overlay {
                             check_readable(&resolved.fd, &t)?;
                         }
+                        beside::refuse_shared_names(c, &resolved.parent, &t)?;
                         let existing = check_existing_backup(c, &resolved.parent, &n, &b)?;
                         Ok(BackupPlan { resolved, existing })
                     })

@@ -990,6 +990,21 @@ fn beside_entries_only_asds_names_and_only_the_callers() {
         "NotOwner",
     );
     assert_eq!(std::fs::read_to_string(&roots).unwrap(), "root's");
+    // `.t` has the same names beside it as `t`: while it is bob's, alice gets none of them.
+    let dotted = dir_of(&w.bob, &parent.join(".t"));
+    w.h.err(
+        &w.alice,
+        "MakeBeside",
+        call(".t-backup_asd-changes.asd-trash", "dir"),
+        "BackupInUse",
+    );
+    w.h.err(
+        &w.alice,
+        "BindBackup",
+        json!({"target": t, "mode": "copy"}),
+        "BackupInUse",
+    );
+    std::fs::remove_dir(&dotted).unwrap();
     // A parent others may write (they could swap entries under the helper) is refused, and so
     // is a parent of alice's own (she does it herself).
     chmod(&parent, 0o777);

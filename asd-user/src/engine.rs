@@ -378,6 +378,23 @@ impl Engine<'_> {
                     nsops::mkdir_owned(&p.changes, &t.owner)
                         .map_err(|e| target_err(&p.target, e))?;
                 }
+                // Whatever is there gets applied to the original at unsync: only the owner's own.
+                if let Ok(m) = std::fs::symlink_metadata(&p.changes) {
+                    use std::os::unix::fs::MetadataExt;
+                    if !m.is_dir() || m.uid() != t.owner.uid {
+                        return Err(target_err(
+                            &p.target,
+                            nsops::NsError {
+                                op: "use",
+                                path: p.changes.clone(),
+                                source: std::io::Error::other(format!(
+                                    "is not a directory of {}'s; move it away and run asd again",
+                                    t.owner.name
+                                )),
+                            },
+                        ));
+                    }
+                }
                 owner::run(
                     &t.owner,
                     &Job::MatchDirMeta {
