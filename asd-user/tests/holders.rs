@@ -68,12 +68,25 @@ fn writer_script(file: &Path, go: &Path) -> String {
     )
 }
 
-fn text(out: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
+/// `data/t` holding `f` ("orig\n") and an empty `sub/`, configured (with `extra` lines) as the
+/// one target.
+fn target_with_f(ns: &Ns, extra: &str) -> std::path::PathBuf {
+    let target = ns.data().join("t");
+    ns.sh_ok(&format!(
+        "mkdir -p '{t}/sub' && echo orig > '{t}/f'",
+        t = target.display()
+    ));
+    ns.write_conf(&[&target], extra);
+    target
+}
+
+/// Starts `shell` (a `sh` command of the test's) as a writer of `file` (see [`writer_script`])
+/// and waits until it holds the file open.
+fn start_writer(mut shell: Command, file: &Path, go: &Path) -> Prog {
+    shell.arg("-c").arg(writer_script(file, go));
+    let writer = Prog::spawn(shell);
+    wait_for("the writer", || read(file).contains("before"));
+    writer
 }
 
 fn read(p: &Path) -> String {
@@ -103,24 +116,14 @@ fn sync_refuses_a_target_a_program_has_open() {
         return;
     }
     let ns = Ns::new();
-    let target = ns.data().join("t");
-    ns.sh_ok(&format!(
-        "mkdir -p '{t}/sub' && echo orig > '{t}/f'",
-        t = target.display()
-    ));
-    ns.write_conf(&[&target], "");
+    let target = target_with_f(&ns, "");
     let go = ns.root.join("go");
     let file = target.join("f");
-    let writer = Prog::spawn({
-        let mut c = ns.cmd("sh");
-        c.args(["-c", &writer_script(&file, &go)]);
-        c
-    });
-    wait_for("the writer", || read(&file).contains("before"));
+    let writer = start_writer(ns.cmd("sh"), &file, &go);
 
     // Default wait (a few seconds), then the refusal.
     let out = ns.asd(&["sync"]);
-    let said = text(&out);
+    let said = output_text(&out);
     assert!(!out.status.success(), "sync must refuse: {said}");
     assert!(
         said.contains(&format!("{}: in use by", target.display()))
@@ -165,18 +168,13 @@ fn refused_target_syncs_later_beside_running_ones() {
     ns.write_conf(&[&held, &free], "");
     let go = ns.root.join("go");
     let file = held.join("f");
-    let writer = Prog::spawn({
-        let mut c = ns.cmd("sh");
-        c.args(["-c", &writer_script(&file, &go)]);
-        c
-    });
-    wait_for("the writer", || read(&file).contains("before"));
+    let writer = start_writer(ns.cmd("sh"), &file, &go);
     let out = ns
         .asd_cmd(&["sync"])
         .env("ASD_SYNC_BUSY_WAIT", "0")
         .output()
         .expect("asd");
-    assert!(!out.status.success(), "{}", text(&out));
+    assert!(!out.status.success(), "{}", output_text(&out));
     assert_eq!(ns.statfs_type(&free), "tmpfs");
     assert_ne!(ns.statfs_type(&held), "tmpfs");
     std::fs::write(&go, "").expect("go");
@@ -197,20 +195,10 @@ fn sync_waits_for_a_program_that_lets_go() {
         return;
     }
     let ns = Ns::new();
-    let target = ns.data().join("t");
-    ns.sh_ok(&format!(
-        "mkdir -p '{t}' && echo orig > '{t}/f'",
-        t = target.display()
-    ));
-    ns.write_conf(&[&target], "");
+    let target = target_with_f(&ns, "");
     let go = ns.root.join("go");
     let file = target.join("f");
-    let writer = Prog::spawn({
-        let mut c = ns.cmd("sh");
-        c.args(["-c", &writer_script(&file, &go)]);
-        c
-    });
-    wait_for("the writer", || read(&file).contains("before"));
+    let writer = start_writer(ns.cmd("sh"), &file, &go);
 
     // A long wait, so that the test never depends on how fast the machine is.
     let mut asd = ns
@@ -312,7 +300,7 @@ fn holders_are_found_by_every_path() {
         .env("ASD_SYNC_BUSY_WAIT", "0")
         .output()
         .expect("asd");
-    let said = text(&out);
+    let said = output_text(&out);
     assert!(!out.status.success(), "{said}");
     for p in all {
         assert!(
@@ -341,24 +329,9 @@ fn per_user_sync_refuses_a_target_her_program_has_open() {
     let (_, target, conf) = w.user_setup("asdalice", "work-hold");
     let go = w.ns.root.join("go");
     let file = target.join("sub/f");
-    let writer = Prog::spawn({
-        let mut c = w.ns.cmd("setpriv");
-        c.args([
-            "--reuid",
-            "asdalice",
-            "--regid",
-            "asdalice",
-            "--init-groups",
-            "--",
-            "sh",
-            "-c",
-        ])
-        .arg(writer_script(&file, &go));
-        c
-    });
-    wait_for("the writer", || read(&file).contains("before"));
+    let writer = start_writer(w.cmd_as("asdalice", "sh"), &file, &go);
     let out = w.asd_as("asdalice", &conf, &["sync"]);
-    let said = text(&out);
+    let said = output_text(&out);
     assert!(!out.status.success(), "{said}");
     assert!(
         said.contains(&format!("sh (pid {})", writer.pid())) && said.contains("asd sync` again"),
@@ -392,12 +365,7 @@ fn copy_elsewhere_blocks_unsync(extra: &str, fs_type: &str) {
         return;
     }
     let ns = Ns::new();
-    let target = ns.data().join("t");
-    ns.sh_ok(&format!(
-        "mkdir -p '{t}' && echo orig > '{t}/f'",
-        t = target.display()
-    ));
-    ns.write_conf(&[&target], extra);
+    let target = target_with_f(&ns, extra);
     ns.asd_ok(&["sync"]);
     let go = ns.root.join("go");
     let sb = target.join("from-sandbox");
@@ -414,7 +382,7 @@ fn copy_elsewhere_blocks_unsync(extra: &str, fs_type: &str) {
     wait_for("the sandbox", || read(&ns.inside(&sb)) == "sandbox\n");
 
     let out = ns.asd(&["unsync"]);
-    let said = text(&out);
+    let said = output_text(&out);
     assert!(!out.status.success(), "unsync must refuse: {said}");
     assert!(
         said.contains("another mount namespace")
@@ -454,12 +422,7 @@ fn propagated_copies_go_with_the_cover() {
         return;
     }
     let ns = Ns::with_propagation(true);
-    let target = ns.data().join("t");
-    ns.sh_ok(&format!(
-        "mkdir -p '{t}' && echo orig > '{t}/f'",
-        t = target.display()
-    ));
-    ns.write_conf(&[&target], "");
+    let target = target_with_f(&ns, "");
     let go = ns.root.join("go");
     let in_ns = |propagation: &str, name: &str| {
         let mut c = ns.cmd("unshare");
@@ -532,7 +495,7 @@ fn per_user_copy_elsewhere_blocks_unsync() {
     });
     wait_for("the sandbox", || read(&w.ns.inside(&sb)) == "sandbox\n");
     let out = w.asd_as("asdalice", &conf, &["unsync"]);
-    let said = text(&out);
+    let said = output_text(&out);
     assert!(!out.status.success(), "{said}");
     assert!(
         said.contains("another mount namespace")
@@ -559,12 +522,7 @@ fn busy_unsync_names_the_program() {
         return;
     }
     let ns = Ns::new();
-    let target = ns.data().join("t");
-    ns.sh_ok(&format!(
-        "mkdir -p '{t}' && echo orig > '{t}/f'",
-        t = target.display()
-    ));
-    ns.write_conf(&[&target], "");
+    let target = target_with_f(&ns, "");
     ns.asd_ok(&["sync"]);
     let sitter = Prog::spawn({
         let mut c = ns.cmd("sh");
@@ -579,7 +537,7 @@ fn busy_unsync_names_the_program() {
             && read(Path::new(&format!("/proc/{}/comm", sitter.pid()))).trim() == "sleep"
     });
     let out = ns.asd(&["unsync"]);
-    let said = text(&out);
+    let said = output_text(&out);
     assert!(!out.status.success(), "{said}");
     assert!(
         said.contains("busy") && said.contains(&format!("sleep (pid {})", sitter.pid())),

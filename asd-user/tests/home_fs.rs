@@ -48,21 +48,12 @@ impl Case {
 /// Runs `script` with bash inside the namespace as `user` (with the user's groups), as the user's
 /// programs would write through the target.
 fn as_user(w: &World, user: &str, script: &str) -> String {
-    let out =
-        w.ns.cmd("setpriv")
-            .args([
-                "--reuid",
-                user,
-                "--regid",
-                user,
-                "--init-groups",
-                "--",
-                "bash",
-                "-c",
-            ])
-            .arg(format!("set -e; {script}"))
-            .output()
-            .expect("setpriv");
+    let out = w
+        .cmd_as(user, "bash")
+        .arg("-c")
+        .arg(format!("set -e; {script}"))
+        .output()
+        .expect("setpriv");
     succeeded(&out, &format!("`{script}` as {user}"))
 }
 
@@ -70,11 +61,7 @@ fn as_user(w: &World, user: &str, script: &str) -> String {
 /// refused or failed a mount.
 fn asd_step(w: &World, user: &str, conf: &Path, args: &[&str]) -> String {
     let out = w.asd_as(user, conf, args);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = output_text(&out);
     assert!(
         out.status.success(),
         "asd {args:?} as {user} exited with {}:\n{text}\n--- helper log ---\n{}",

@@ -250,13 +250,18 @@ impl Drop for Ns {
     }
 }
 
-/// Insists that a finished command succeeded; returns its stdout + stderr.
-pub fn succeeded(out: &Output, what: &str) -> String {
-    let text = format!(
+/// A finished command's stdout + stderr.
+pub fn output_text(out: &Output) -> String {
+    format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
-    );
+    )
+}
+
+/// Insists that a finished command succeeded; returns its stdout + stderr.
+pub fn succeeded(out: &Output, what: &str) -> String {
+    let text = output_text(out);
     assert!(out.status.success(), "{what} failed:\n{text}");
     text
 }

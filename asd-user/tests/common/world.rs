@@ -139,8 +139,9 @@ impl World {
             .expect("run asd as user")
     }
 
-    /// `asd ARGS` as `user` (setpriv execs env, which execs asd: the child's pid is asd's).
-    pub fn asd_cmd_as(&self, user: &str, conf: &Path, args: &[&str]) -> Command {
+    /// `program` in the namespace as `user`, with the user's groups (setpriv execs it: the
+    /// child's pid is the program's).
+    pub fn cmd_as(&self, user: &str, program: &str) -> Command {
         let mut c: Command = self.ns.cmd("setpriv");
         c.args([
             "--reuid",
@@ -149,20 +150,26 @@ impl World {
             user,
             "--init-groups",
             "--",
-            "env",
-            "-i",
-        ])
-        .arg(format!("HOME=/home/{user}"))
-        .arg(format!(
-            "XDG_RUNTIME_DIR={}",
-            self.ns.root.join(format!("xdg-{user}")).display()
-        ))
-        .arg(format!("ASD_HELPER_SOCKET={}", self.socket.display()))
-        .arg(format!("ASDCONF={}", conf.display()))
-        .arg("PATH=/usr/bin:/bin")
-        .arg("NO_COLOR=1")
-        .arg(ASD)
-        .args(args);
+            program,
+        ]);
+        c
+    }
+
+    /// `asd ARGS` as `user` (setpriv execs env, which execs asd: the child's pid is asd's).
+    pub fn asd_cmd_as(&self, user: &str, conf: &Path, args: &[&str]) -> Command {
+        let mut c = self.cmd_as(user, "env");
+        c.arg("-i")
+            .arg(format!("HOME=/home/{user}"))
+            .arg(format!(
+                "XDG_RUNTIME_DIR={}",
+                self.ns.root.join(format!("xdg-{user}")).display()
+            ))
+            .arg(format!("ASD_HELPER_SOCKET={}", self.socket.display()))
+            .arg(format!("ASDCONF={}", conf.display()))
+            .arg("PATH=/usr/bin:/bin")
+            .arg("NO_COLOR=1")
+            .arg(ASD)
+            .args(args);
         c
     }
 
