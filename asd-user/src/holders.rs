@@ -154,39 +154,9 @@ pub fn refuse_copies_elsewhere(target: &Path) -> Result<(), HoldersError> {
     Err(HoldersError::Elsewhere { holders })
 }
 
-/// A mountinfo line with the propagation fields `shared:N` and `master:N`.
-#[derive(Debug, Clone)]
-struct Mount {
-    e: MountEntry,
-    shared: Option<u32>,
-    master: Option<u32>,
-}
-
-fn parse_table(text: &str) -> Vec<Mount> {
-    text.lines()
-        .filter_map(|line| {
-            let e = mountinfo::parse(line).pop()?;
-            let (mut shared, mut master) = (None, None);
-            for f in line.split(' ').skip(6).take_while(|f| *f != "-") {
-                if let Some(v) = f.strip_prefix("shared:") {
-                    shared = v.parse().ok();
-                } else if let Some(v) = f.strip_prefix("master:") {
-                    master = v.parse().ok();
-                }
-            }
-            Some(Mount { e, shared, master })
-        })
-        .collect()
-}
-
-/// The mount table of the namespace of the process whose /proc directory is `proc_dir`, as
-/// seen from its root.
-fn read_table(proc_dir: &Path) -> std::io::Result<Vec<Mount>> {
-    std::fs::read_to_string(proc_dir.join("mountinfo")).map(|t| parse_table(&t))
-}
-
-fn our_table() -> Result<Vec<Mount>, HoldersError> {
-    read_table(Path::new("/proc/self")).map_err(io_err("read", Path::new("/proc/self/mountinfo")))
+fn our_table() -> Result<Vec<MountEntry>, HoldersError> {
+    mountinfo::read_at(Path::new("/proc/self"))
+        .map_err(io_err("read", Path::new("/proc/self/mountinfo")))
 }
 
 /// Where `path` (seen through the mount `m`) lies inside m's filesystem.
@@ -210,10 +180,10 @@ fn mount_id(path: &Path, follow: bool) -> std::io::Result<u64> {
 }
 
 /// The mount `path` lies on, in our table.
-fn mount_of<'a>(path: &Path, ours: &'a [Mount]) -> Result<&'a Mount, HoldersError> {
+fn mount_of<'a>(path: &Path, ours: &'a [MountEntry]) -> Result<&'a MountEntry, HoldersError> {
     let id = mount_id(path, false).map_err(io_err("statx", path))?;
     ours.iter()
-        .find(|m| u64::from(m.e.id) == id)
+        .find(|m| u64::from(m.id) == id)
         .ok_or_else(|| HoldersError::NoMount {
             path: path.to_path_buf(),
         })
@@ -259,26 +229,22 @@ fn comm(pid: u32) -> String {
 /// One process being examined; its own mount table is read only when needed.
 struct Proc<'a> {
     dir: PathBuf,
-    ours: &'a [Mount],
+    ours: &'a [MountEntry],
     our_ns: &'a Option<PathBuf>,
-    theirs: Option<Vec<Mount>>,
+    theirs: Option<Vec<MountEntry>>,
 }
 
 impl Proc<'_> {
-    fn theirs(&mut self) -> &[Mount] {
+    fn theirs(&mut self) -> &[MountEntry] {
         let dir = &self.dir;
         self.theirs
-            .get_or_insert_with(|| read_table(dir).unwrap_or_default())
+            .get_or_insert_with(|| mountinfo::read_at(dir).unwrap_or_default())
     }
 
     /// The mount with this id: ours (it is in our namespace, and its paths read as ours do),
     /// else one of the process's namespace.
     fn mount(&mut self, id: u64) -> Option<MountEntry> {
-        let find = |t: &[Mount]| {
-            t.iter()
-                .find(|m| u64::from(m.e.id) == id)
-                .map(|m| m.e.clone())
-        };
+        let find = |t: &[MountEntry]| t.iter().find(|m| u64::from(m.id) == id).cloned();
         find(self.ours).or_else(|| find(self.theirs()))
     }
 
@@ -330,12 +296,12 @@ impl Proc<'_> {
                 continue;
             }
             let path = Path::new(path);
-            let table: &[Mount] = if same_ns { self.ours } else { self.theirs() };
+            let table: &[MountEntry] = if same_ns { self.ours } else { self.theirs() };
             let inside = table
                 .iter()
-                .filter(|m| m.e.dev == dev && path.starts_with(&m.e.mount_point))
-                .max_by_key(|m| m.e.mount_point.as_os_str().len())
-                .and_then(|m| in_fs(&m.e, path))
+                .filter(|m| m.dev == dev && path.starts_with(&m.mount_point))
+                .max_by_key(|m| m.mount_point.as_os_str().len())
+                .and_then(|m| in_fs(m, path))
                 .is_some_and(|p| place.holds(dev, &p));
             if inside {
                 return Some(path.to_path_buf());
@@ -381,8 +347,8 @@ pub fn open_in(dir: &Path) -> Result<Vec<Holder>, HoldersError> {
     let ours = our_table()?;
     let m = mount_of(dir, &ours)?;
     let place = Place {
-        dev: m.e.dev,
-        path: in_fs(&m.e, dir).ok_or_else(|| HoldersError::NoMount {
+        dev: m.dev,
+        path: in_fs(m, dir).ok_or_else(|| HoldersError::NoMount {
             path: dir.to_path_buf(),
         })?,
     };
@@ -437,7 +403,7 @@ pub fn open_in(dir: &Path) -> Result<Vec<Holder>, HoldersError> {
 
 /// A mount namespace other than ours, and the processes in it.
 struct Space {
-    table: Vec<Mount>,
+    table: Vec<MountEntry>,
     pids: Vec<u32>,
 }
 
@@ -452,11 +418,11 @@ struct Space {
 /// (a namespace made private, a copy bound elsewhere).
 pub fn copies_elsewhere(target: &Path) -> Result<Vec<Holder>, HoldersError> {
     let ours = our_table()?;
-    let cover = mount_of(target, &ours)?.e.clone();
+    let cover = mount_of(target, &ours)?.clone();
     let shows = |m: &MountEntry| m.dev == cover.dev && m.root.starts_with(&cover.root);
     // Our own mounts of it: the cover, and in overlay mode the overlay on the volatile path.
-    let mine: Vec<&Mount> = ours.iter().filter(|m| shows(&m.e)).collect();
-    let our_ids: HashSet<u32> = ours.iter().map(|m| m.e.id).collect();
+    let mine: Vec<&MountEntry> = ours.iter().filter(|m| shows(m)).collect();
+    let our_ids: HashSet<u32> = ours.iter().map(|m| m.id).collect();
     let our_ns = std::fs::read_link("/proc/self/ns/mnt").ok();
 
     let mut spaces: Vec<Space> = Vec::new();
@@ -475,13 +441,13 @@ pub fn copies_elsewhere(target: &Path) -> Result<Vec<Holder>, HoldersError> {
         }
         // Another user's process: its namespace link is not ours to read, its mount table is
         // (mount ids belong to one namespace: any of ours in it means it is ours).
-        let Ok(table) = read_table(&dir) else {
+        let Ok(table) = mountinfo::read_at(&dir) else {
             continue;
         };
-        if table.is_empty() || table.iter().any(|m| our_ids.contains(&m.e.id)) {
+        if table.is_empty() || table.iter().any(|m| our_ids.contains(&m.id)) {
             continue;
         }
-        if !table.iter().any(|m| shows(&m.e)) {
+        if !table.iter().any(&shows) {
             if let Some(n) = ns {
                 // Nothing of ours there; remembered so its other processes are skipped.
                 by_ns.insert(n, spaces.len());
@@ -493,7 +459,7 @@ pub fn copies_elsewhere(target: &Path) -> Result<Vec<Holder>, HoldersError> {
             continue;
         }
         let key = ns.unwrap_or_else(|| {
-            let min = table.iter().map(|m| m.e.id).min().unwrap_or(0);
+            let min = table.iter().map(|m| m.id).min().unwrap_or(0);
             OsString::from(format!("mount ids from {min}"))
         });
         match by_ns.get(&key) {
@@ -508,7 +474,7 @@ pub fn copies_elsewhere(target: &Path) -> Result<Vec<Holder>, HoldersError> {
         }
     }
 
-    // Mount propagation: the peer groups of slaves, by the group they receive from.
+    // MountEntry propagation: the peer groups of slaves, by the group they receive from.
     let mut slave_groups: HashMap<u32, Vec<u32>> = HashMap::new();
     for m in ours
         .iter()
@@ -531,35 +497,35 @@ pub fn copies_elsewhere(target: &Path) -> Result<Vec<Holder>, HoldersError> {
         seen
     };
     // Does unmounting `o` (ours) take the copy `k` (in `table`) down with it?
-    let goes_with = |k: &Mount, table: &[Mount], o: &Mount| {
-        let Some(p) = ours.iter().find(|m| m.e.id == o.e.parent) else {
+    let goes_with = |k: &MountEntry, table: &[MountEntry], o: &MountEntry| {
+        let Some(p) = ours.iter().find(|m| m.id == o.parent) else {
             return false;
         };
         let Some(group) = p.shared else {
             return false;
         };
-        let Some(kp) = table.iter().find(|m| m.e.id == k.e.parent) else {
+        let Some(kp) = table.iter().find(|m| m.id == k.parent) else {
             return false;
         };
         let groups = receivers(group);
         let receives = kp.shared.is_some_and(|g| groups.contains(&g))
             || kp.master.is_some_and(|g| groups.contains(&g));
-        let same_place = kp.e.dev == p.e.dev
-            && in_fs(&kp.e, &k.e.mount_point).is_some()
-            && in_fs(&kp.e, &k.e.mount_point) == in_fs(&p.e, &o.e.mount_point);
+        let same_place = kp.dev == p.dev
+            && in_fs(kp, &k.mount_point).is_some()
+            && in_fs(kp, &k.mount_point) == in_fs(p, &o.mount_point);
         // A mount inside the copy (not one stacked on all of it) keeps it in place.
         let bare = !table
             .iter()
-            .any(|c| c.e.parent == k.e.id && c.e.mount_point != k.e.mount_point);
+            .any(|c| c.parent == k.id && c.mount_point != k.mount_point);
         receives && same_place && bare
     };
 
     let mut found = Vec::new();
     for s in &spaces {
-        let stays: Vec<&Mount> = s
+        let stays: Vec<&MountEntry> = s
             .table
             .iter()
-            .filter(|k| shows(&k.e) && !mine.iter().any(|o| goes_with(k, &s.table, o)))
+            .filter(|k| shows(k) && !mine.iter().any(|o| goes_with(k, &s.table, o)))
             .collect();
         let Some(first) = stays.first() else {
             continue;
@@ -571,7 +537,7 @@ pub fn copies_elsewhere(target: &Path) -> Result<Vec<Holder>, HoldersError> {
                 how: format!(
                     "its mount namespace has a copy of the mount on {} at {}",
                     target.display(),
-                    first.e.mount_point.display()
+                    first.mount_point.display()
                 ),
             });
         }
@@ -584,22 +550,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_propagation_fields() {
-        let t = "92 90 254:0 / / rw,relatime shared:24 - ext4 /dev/vda rw\n\
-                 140 92 0:43 /asd-root/d/t /d/t rw,nosuid shared:46 master:3 - tmpfs v rw\n\
-                 141 115 0:43 /a\\040b /x rw - tmpfs v rw\n";
-        let m = parse_table(t);
-        assert_eq!(m.len(), 3);
-        assert_eq!((m[0].shared, m[0].master), (Some(24), None));
-        assert_eq!((m[1].shared, m[1].master), (Some(46), Some(3)));
-        assert_eq!((m[2].shared, m[2].master), (None, None));
-        assert_eq!(m[2].e.root, Path::new("/a b"));
-    }
-
-    #[test]
     fn places_inside_the_filesystem() {
-        let m = parse_table("168 148 254:0 /var/tmp /mnt rw - ext4 /dev/vda rw\n");
-        let e = &m[0].e;
+        let m = mountinfo::parse("168 148 254:0 /var/tmp /mnt rw - ext4 /dev/vda rw\n");
+        let e = &m[0];
         assert_eq!(
             in_fs(e, Path::new("/mnt/t/f")),
             Some(PathBuf::from("/var/tmp/t/f"))

@@ -15,6 +15,10 @@ pub struct MountEntry {
     pub mount_point: PathBuf,
     pub fs_type: String,
     pub source: String,
+    /// Propagation: the peer group this mount shares with (`shared:N`), and the one it
+    /// receives from as a slave (`master:N`).
+    pub shared: Option<u32>,
+    pub master: Option<u32>,
 }
 
 /// mountinfo escapes space, tab, newline and backslash as `\ooo` octal.
@@ -48,10 +52,16 @@ fn parse_line(line: &str) -> Option<MountEntry> {
     let dev = (maj.parse().ok()?, min.parse().ok()?);
     let root = PathBuf::from(unescape(parts.next()?));
     let mount_point = PathBuf::from(unescape(parts.next()?));
-    // Skip mount options and optional fields up to the "-" separator.
-    for p in parts.by_ref() {
+    // Mount options, then optional fields up to the "-" separator.
+    let (mut shared, mut master) = (None, None);
+    for p in parts.by_ref().skip(1) {
         if p == "-" {
             break;
+        }
+        if let Some(v) = p.strip_prefix("shared:") {
+            shared = v.parse().ok();
+        } else if let Some(v) = p.strip_prefix("master:") {
+            master = v.parse().ok();
         }
     }
     let fs_type = parts.next()?.to_string();
@@ -64,11 +74,19 @@ fn parse_line(line: &str) -> Option<MountEntry> {
         mount_point,
         fs_type,
         source,
+        shared,
+        master,
     })
 }
 
 pub fn parse(text: &str) -> Vec<MountEntry> {
     text.lines().filter_map(parse_line).collect()
+}
+
+/// The mount table of the namespace of the process whose /proc directory is `proc_dir`, as seen
+/// from its root.
+pub fn read_at(proc_dir: &Path) -> std::io::Result<Vec<MountEntry>> {
+    Ok(parse(&std::fs::read_to_string(proc_dir.join("mountinfo"))?))
 }
 
 /// The current mount table of this process's mount namespace.
@@ -127,5 +145,18 @@ mod tests {
         assert!(is_mount_point(&m, Path::new("/tmp")));
         assert_eq!(mounts_below(&m, Path::new("/mnt")).len(), 1);
         assert_eq!(containing(&m, Path::new("/tmp/x")).map(|e| e.id), Some(40));
+    }
+
+    #[test]
+    fn parses_propagation_fields() {
+        let t = "92 90 254:0 / / rw,relatime shared:24 - ext4 /dev/vda rw\n\
+                 140 92 0:43 /asd-root/d/t /d/t rw,nosuid shared:46 master:3 - tmpfs v rw\n\
+                 141 115 0:43 /a\\040b /x rw - tmpfs v rw\n";
+        let m = parse(t);
+        assert_eq!(m.len(), 3);
+        assert_eq!((m[0].shared, m[0].master), (Some(24), None));
+        assert_eq!((m[1].shared, m[1].master), (Some(46), Some(3)));
+        assert_eq!((m[2].shared, m[2].master), (None, None));
+        assert_eq!(m[2].root, Path::new("/a b"));
     }
 }
