@@ -1,0 +1,153 @@
+//! Durable mode, phases 2 to 5 (see the module documentation): the deferred renames,
+//! deletions and directory metadata the walk queued, and the `syncfs` calls between them.
+
+use std::ffi::{CStr, CString};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use rustix::fs::{self as rfs, Mode};
+
+use crate::fsio::{crash_point, is_temp_name, remove_entry, remove_tree, Meta, Xattrs, DIR_FLAGS};
+
+use super::engine::Engine;
+use super::helpers::join_rel;
+use super::{cerr, CopyError};
+
+pub(super) struct RenameJob {
+    pub(super) dir: usize,
+    pub(super) from: CString,
+    pub(super) to: CString,
+    /// A directory and a non-directory trade places.
+    pub(super) exchange: bool,
+}
+
+/// A destination directory with deferred operations.
+pub(super) struct DeferredDir {
+    pub(super) rel: Vec<u8>,
+    pub(super) fd: Option<OwnedFd>,
+}
+
+pub(super) struct DirJob {
+    pub(super) dir: usize,
+    pub(super) meta: Meta,
+    pub(super) xattrs: Xattrs,
+}
+
+impl Engine<'_> {
+    // -- durable mode: phases 2 to 5 ------------------------------------------------------------
+
+    fn syncfs_all(&mut self) -> Result<(), CopyError> {
+        for (_, fd) in &self.sync_fds {
+            rfs::syncfs(fd).map_err(|e| cerr("syncfs", self.dst_root.to_path_buf(), e))?;
+        }
+        Ok(())
+    }
+
+    /// Opens the destination directory `rel` (relative to `root`) one component at a time,
+    /// never following a symlink.
+    pub(super) fn open_rel(root: BorrowedFd<'_>, rel: &[u8]) -> rustix::io::Result<OwnedFd> {
+        let mut cur = rfs::openat(root, c".", DIR_FLAGS, Mode::empty())?;
+        for comp in rel.split(|b| *b == b'/').filter(|c| !c.is_empty()) {
+            cur = rfs::openat(&cur, comp, DIR_FLAGS, Mode::empty())?;
+        }
+        Ok(cur)
+    }
+
+    /// The descriptor of deferred directory `i`: kept from the walk, or reopened by path.
+    fn deferred_dir<'d>(
+        &mut self,
+        root: BorrowedFd<'_>,
+        dirs: &'d mut [DeferredDir],
+        i: usize,
+    ) -> Option<BorrowedFd<'d>> {
+        let dir = dirs.get_mut(i)?;
+        if dir.fd.is_none() {
+            match Self::open_rel(root, &dir.rel) {
+                Ok(fd) => dir.fd = Some(fd),
+                Err(e) => {
+                    let e = cerr("open", join_rel(self.dst_root, &dir.rel, None), e);
+                    self.fail(e);
+                    return None;
+                }
+            }
+        }
+        dir.fd.as_ref().map(|fd| fd.as_fd())
+    }
+
+    pub(super) fn durable_phases(&mut self, root: BorrowedFd<'_>) -> Result<(), CopyError> {
+        let mut dirs = std::mem::take(&mut self.dirs);
+        let path = |dirs: &[DeferredDir], i: usize, name: Option<&CStr>| {
+            let rel = dirs.get(i).map(|d| d.rel.as_slice()).unwrap_or_default();
+            join_rel(self.dst_root, rel, name)
+        };
+        let renames = std::mem::take(&mut self.renames);
+        // Phase 2: all temporary data durable before any rename.
+        if !renames.is_empty() {
+            if let Err(e) = self.syncfs_all() {
+                // Nothing may be renamed now: remove the temporaries instead.
+                for job in &renames {
+                    if let Some(dir) = self.deferred_dir(root, &mut dirs, job.dir) {
+                        let _ = remove_tree(dir, &job.from, &mut self.dirbuf);
+                    }
+                }
+                return Err(e);
+            }
+        }
+        // Phase 3: renames.
+        let crash_at = crash_point();
+        for (n, job) in renames.iter().enumerate() {
+            if crash_at == Some(n) {
+                // Fault injection for the crash tests: die like kill -9, mid-rename.
+                std::process::abort();
+            }
+            let Some(dir) = self.deferred_dir(root, &mut dirs, job.dir) else {
+                continue;
+            };
+            match self.rename_into_place(dir, &job.from, &job.to, job.exchange) {
+                Ok(Some(old)) => self.deletions.push((job.dir, old)),
+                Ok(None) => {}
+                Err(e) => {
+                    let _ = remove_tree(dir, &job.from, &mut self.dirbuf);
+                    let p = path(&dirs, job.dir, Some(&job.to));
+                    self.fail(cerr("rename", p, e));
+                }
+            }
+        }
+        // Phase 4: deletions, after the renames are durable (a file moved to another directory
+        // must exist at its new place before its old place goes).
+        let deletions = std::mem::take(&mut self.deletions);
+        if !deletions.is_empty() {
+            self.syncfs_all()?;
+        }
+        for (i, name) in &deletions {
+            let Some(dir) = self.deferred_dir(root, &mut dirs, *i) else {
+                continue;
+            };
+            match remove_entry(dir, name, &mut self.dirbuf) {
+                // Old versions moved aside by an exchange are not counted as deletions.
+                Ok(n) if !is_temp_name(name) => self.stats.deleted += n,
+                Ok(_) => {}
+                Err(e) => {
+                    let p = path(&dirs, *i, Some(name));
+                    self.fail(cerr("remove", p, e));
+                }
+            }
+        }
+        // Phase 5: directory metadata, bottom-up (jobs were queued in post-order).
+        let jobs = std::mem::take(&mut self.dir_jobs);
+        for job in &jobs {
+            let Some(dir) = self.deferred_dir(root, &mut dirs, job.dir) else {
+                continue;
+            };
+            match self.apply_dir_meta(dir, &job.meta, &job.xattrs) {
+                Ok(true) => self.stats.metadata_updated += 1,
+                Ok(false) => {}
+                Err(e) => {
+                    let p = path(&dirs, job.dir, None);
+                    self.fail(cerr("set metadata", p, e));
+                }
+            }
+        }
+        drop(dirs);
+        self.syncfs_all()
+    }
+}

@@ -1,0 +1,350 @@
+//! The sync engine's state ([`Engine`]) and the directory pair it walks ([`DirCtx`]): setting
+//! up and running a sync, and the small helpers every part of the engine uses (errors, paths,
+//! temporary names, opening destination directories on first use, deferring work).
+
+use std::cell::{Cell, OnceCell};
+use std::collections::HashSet;
+use std::ffi::{CStr, CString};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use rustix::fs::{self as rfs, AtFlags, Mode};
+use rustix::io::Errno;
+use tracing::{debug, warn};
+
+use crate::fsio::{fstat, lstat_at, mode, Ids, Meta, DIR_FLAGS, MAX_KEPT_DIRS};
+
+use super::durable::{DeferredDir, DirJob, RenameJob};
+use super::helpers::{is_below, join_rel, open_root};
+use super::prefetch::{Prefetch, PREFETCH_THREADS};
+use super::probe::{Helper, XReader};
+use super::scout::Scout;
+use super::{cerr, CopyError, CopyOptions, CopyStats, Timestamp, CTIME_MARGIN_MS, TEMP_PREFIX};
+
+// ---------------------------------------------------------------------------------------------
+// The sync engine.
+
+/// A pair of directories being synced. Shared (`&DirCtx`) down the walk, so that a directory
+/// can open its destination counterpart through its parents on first use.
+pub(super) struct DirCtx<'f> {
+    pub(super) src: BorrowedFd<'f>,
+    /// The destination directory, opened up front or (below an unchanged directory, see
+    /// `CopyOptions::changed_since`) only when something in it is to be compared or written.
+    pub(super) dst: &'f OnceCell<OwnedFd>,
+    /// For opening `dst` on first use: the parent and the name in it (None for the root).
+    parent: Option<(&'f DirCtx<'f>, &'f CStr)>,
+    /// The destination directory was created (empty) by this run: nothing to list or compare,
+    /// entries are created directly under their final names and nothing is deferred (in durable
+    /// mode the directory itself is still under a temporary name, renamed as a whole later).
+    pub(super) fresh: bool,
+    /// The source directory changed since the cutoff (always true without one): its listing is
+    /// compared with the destination's, extra entries deleted, its metadata checked. Otherwise
+    /// it holds the same names as the destination and only changed entries are looked at.
+    pub(super) changed: bool,
+    /// Index in `Engine::dirs` once an operation in this directory has been deferred.
+    pub(super) idx: Cell<Option<usize>>,
+    /// We added owner write permission to the destination directory.
+    pub(super) made_writable: Cell<bool>,
+    /// Something was created in or removed from the destination directory, which bumps its
+    /// mtime: its metadata must be set again even if it did not change in the source.
+    pub(super) touched: Cell<bool>,
+}
+
+impl<'f> DirCtx<'f> {
+    pub(super) fn new(
+        src: BorrowedFd<'f>,
+        dst: &'f OnceCell<OwnedFd>,
+        parent: Option<(&'f DirCtx<'f>, &'f CStr)>,
+        fresh: bool,
+        changed: bool,
+    ) -> DirCtx<'f> {
+        DirCtx {
+            src,
+            dst,
+            parent,
+            fresh,
+            changed,
+            idx: Cell::new(None),
+            made_writable: Cell::new(false),
+            touched: Cell::new(false),
+        }
+    }
+
+    /// Whether the destination directory's metadata must be compared and set after the walk.
+    pub(super) fn needs_meta(&self) -> bool {
+        self.changed || self.fresh || self.touched.get() || self.made_writable.get()
+    }
+}
+
+pub(super) struct Engine<'a> {
+    pub(super) opts: &'a CopyOptions,
+    src_root: &'a Path,
+    pub(super) dst_root: &'a Path,
+    /// Path of the current directory relative to the source / destination root (they differ
+    /// below a directory being built under a temporary name).
+    pub(super) src_rel: Vec<u8>,
+    pub(super) dst_rel: Vec<u8>,
+    pub(super) stats: CopyStats,
+    first_error: Option<CopyError>,
+    errors: u64,
+    pub(super) ids: Ids,
+    pid: u32,
+    seq: u64,
+    pub(super) dst_root_id: (u64, u64),
+    /// Deferred work (durable mode): directories by relative path, then what to do in them.
+    pub(super) dirs: Vec<DeferredDir>,
+    pub(super) renames: Vec<RenameJob>,
+    pub(super) deletions: Vec<(usize, CString)>,
+    pub(super) dir_jobs: Vec<DirJob>,
+    /// One descriptor per destination filesystem, for syncfs.
+    pub(super) sync_fds: Vec<(u64, OwnedFd)>,
+    pub(super) chown_denied: u64,
+    pub(super) user_xattrs_unsupported: bool,
+    /// The destination does not take POSIX ACLs: ignore them in comparisons.
+    pub(super) acls_unsupported: bool,
+    pub(super) xr: XReader,
+    /// Whether to probe big directories on two threads, and the helper thread doing it.
+    pub(super) parallel: bool,
+    pub(super) helper: Option<Helper>,
+    /// Source/destination device pairs where copy_file_range does not work.
+    pub(super) no_cfr: HashSet<(u64, u64)>,
+    pub(super) dirbuf: Vec<u8>,
+    pub(super) databuf: Vec<u8>,
+    pub(super) hook: Option<&'a mut dyn FnMut(&Path)>,
+    /// `CopyOptions::changed_since` minus the margin, unless ignored: source entries with an
+    /// older ctime are unchanged.
+    pub(super) cutoff: Option<Timestamp>,
+    /// [`CTIME_MARGIN_MS`]; tests set 0 so as not to wait for it.
+    pub(super) margin: i64,
+}
+
+impl<'a> Engine<'a> {
+    pub(super) fn new(
+        src: &'a Path,
+        dst: &'a Path,
+        opts: &'a CopyOptions,
+        hook: Option<&'a mut dyn FnMut(&Path)>,
+    ) -> Engine<'a> {
+        Engine {
+            opts,
+            src_root: src,
+            dst_root: dst,
+            src_rel: Vec::new(),
+            dst_rel: Vec::new(),
+            stats: CopyStats::default(),
+            first_error: None,
+            errors: 0,
+            ids: Ids::current(),
+            pid: std::process::id(),
+            seq: 0,
+            dst_root_id: (0, 0),
+            dirs: Vec::new(),
+            renames: Vec::new(),
+            deletions: Vec::new(),
+            dir_jobs: Vec::new(),
+            sync_fds: Vec::new(),
+            chown_denied: 0,
+            user_xattrs_unsupported: false,
+            acls_unsupported: false,
+            xr: XReader::new(),
+            parallel: std::thread::available_parallelism().is_ok_and(|n| n.get() > 1),
+            helper: None,
+            no_cfr: HashSet::new(),
+            dirbuf: Vec::new(),
+            databuf: Vec::new(),
+            hook,
+            cutoff: None,
+            margin: CTIME_MARGIN_MS,
+        }
+    }
+
+    pub(super) fn run(mut self) -> Result<CopyStats, CopyError> {
+        let src = open_root(self.src_root)?;
+        let dst = open_root(self.dst_root)?;
+        let sm = fstat(src.as_fd()).map_err(|e| cerr("stat", self.src_root.to_path_buf(), e))?;
+        let dm = fstat(dst.as_fd()).map_err(|e| cerr("stat", self.dst_root.to_path_buf(), e))?;
+        if (sm.dev, sm.ino) == (dm.dev, dm.ino) {
+            return Err(cerr(
+                "sync",
+                self.dst_root.to_path_buf(),
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "source and destination are the same directory",
+                ),
+            ));
+        }
+        self.dst_root_id = (dm.dev, dm.ino);
+        // With `delete`, a source inside the destination would be deleted as an extra entry.
+        if is_below(src.as_fd(), self.dst_root_id) {
+            return Err(cerr(
+                "sync",
+                self.src_root.to_path_buf(),
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "the source is inside the destination",
+                ),
+            ));
+        }
+        if self.opts.durable {
+            self.note_device(dm.dev, dst.as_fd());
+        }
+        self.cutoff = self.opts.changed_since.and_then(|since| {
+            let since = since.normalized();
+            let now = Timestamp::now();
+            if now < since {
+                debug!(
+                    ?since,
+                    ?now,
+                    "the clock is earlier than the last sync: comparing everything"
+                );
+                return None;
+            }
+            let ns = i128::from(since.sec) * 1_000_000_000 + i128::from(since.nsec)
+                - i128::from(self.margin) * 1_000_000;
+            Some(Timestamp {
+                sec: ns.div_euclid(1_000_000_000) as i64,
+                nsec: ns.rem_euclid(1_000_000_000) as i64,
+            })
+        });
+        // Only for a full comparison: an incremental one looks at few destination entries.
+        let prefetch = if self.cutoff.is_none() && self.parallel {
+            Prefetch::start(dst.as_fd(), PREFETCH_THREADS)
+        } else {
+            None
+        };
+        // An incremental one looks up few destination entries, but each one cold.
+        let scout = match self.cutoff {
+            Some(c) if self.hook.is_none() => Scout::start(src.as_fd(), dst.as_fd(), c),
+            _ => None,
+        };
+        let dst = OnceCell::from(dst);
+        let root = DirCtx::new(src.as_fd(), &dst, None, false, self.changed(&sm));
+        self.sync_dir(&root);
+        if let Some(p) = prefetch {
+            p.stop();
+        }
+        if let Some(s) = scout {
+            s.stop();
+        }
+        if root.needs_meta() {
+            self.finish_dir(&root, &sm);
+        }
+        if let Some(h) = self.helper.take() {
+            h.finish();
+        }
+        if let (true, Some(dst)) = (self.opts.durable, dst.get()) {
+            self.durable_phases(dst.as_fd())?;
+        }
+        if self.chown_denied > 0 {
+            debug!(
+                count = self.chown_denied,
+                "changing the owner was not permitted for some entries"
+            );
+        }
+        match self.first_error.take() {
+            Some(e) => {
+                if self.errors > 1 {
+                    warn!(errors = self.errors, "copy finished with errors");
+                }
+                Err(e)
+            }
+            None => Ok(self.stats),
+        }
+    }
+
+    /// Whether a source entry changed since the cutoff (always, without one).
+    pub(super) fn changed(&self, sm: &Meta) -> bool {
+        match self.cutoff {
+            Some(c) => sm.ctime >= c,
+            None => true,
+        }
+    }
+
+    /// The destination directory of `d`, opened (through its parents, never following a
+    /// symlink) if this is its first use.
+    pub(super) fn dst_dir<'f>(&mut self, d: &DirCtx<'f>) -> Result<BorrowedFd<'f>, CopyError> {
+        if let Some(fd) = d.dst.get() {
+            return Ok(fd.as_fd());
+        }
+        let Some((parent, name)) = d.parent else {
+            // The root is opened before the walk; this cannot happen.
+            return Err(cerr("open", self.dst_path(None), Errno::BADF));
+        };
+        let pfd = self.dst_dir(parent)?;
+        let fd = match rfs::openat(pfd, name, DIR_FLAGS, Mode::empty()) {
+            Err(Errno::ACCESS) => {
+                // Our own directory without read/search permission: open it up; its mode is
+                // restored with its metadata.
+                d.made_writable.set(true);
+                lstat_at(pfd, name)
+                    .and_then(|m| rfs::chmodat(pfd, name, mode(m.perm | 0o700), AtFlags::empty()))
+                    .and_then(|()| rfs::openat(pfd, name, DIR_FLAGS, Mode::empty()))
+            }
+            other => other,
+        };
+        // The error names the directory being synced, possibly below the one that failed.
+        let fd = fd.map_err(|e| cerr("open", self.dst_path(None), e))?;
+        if self.opts.durable {
+            match fstat(fd.as_fd()) {
+                Ok(m) => self.note_device(m.dev, fd.as_fd()),
+                Err(e) => return Err(cerr("stat", self.dst_path(None), e)),
+            }
+        }
+        Ok(d.dst.get_or_init(|| fd).as_fd())
+    }
+
+    pub(super) fn fail(&mut self, e: CopyError) {
+        warn!("{e}");
+        self.errors += 1;
+        if self.first_error.is_none() {
+            self.first_error = Some(e);
+        }
+    }
+
+    pub(super) fn src_path(&self, name: Option<&CStr>) -> PathBuf {
+        join_rel(self.src_root, &self.src_rel, name)
+    }
+
+    pub(super) fn dst_path(&self, name: Option<&CStr>) -> PathBuf {
+        join_rel(self.dst_root, &self.dst_rel, name)
+    }
+
+    pub(super) fn temp_name(&mut self) -> CString {
+        self.seq += 1;
+        let s = format!("{TEMP_PREFIX}{}.{}", self.pid, self.seq);
+        // The name is built from digits and a NUL-free constant.
+        CString::new(s).unwrap_or_else(|_| c".#asd-tmp.x".to_owned())
+    }
+
+    pub(super) fn note_device(&mut self, dev: u64, fd: BorrowedFd<'_>) {
+        if self.sync_fds.iter().any(|(d, _)| *d == dev) {
+            return;
+        }
+        match fd.try_clone_to_owned() {
+            Ok(owned) => self.sync_fds.push((dev, owned)),
+            Err(e) => self.fail(cerr("dup", self.dst_path(None), e)),
+        }
+    }
+
+    pub(super) fn dir_idx(&mut self, d: &DirCtx<'_>) -> usize {
+        d.touched.set(true);
+        match d.idx.get() {
+            Some(i) => i,
+            None => {
+                // Keep the descriptor for phases 3-5 while there are not too many of them.
+                let fd = if self.dirs.len() < MAX_KEPT_DIRS {
+                    d.dst.get().and_then(|fd| fd.try_clone().ok())
+                } else {
+                    None
+                };
+                self.dirs.push(DeferredDir {
+                    rel: self.dst_rel.clone(),
+                    fd,
+                });
+                let i = self.dirs.len() - 1;
+                d.idx.set(Some(i));
+                i
+            }
+        }
+    }
+}

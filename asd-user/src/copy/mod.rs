@@ -1,0 +1,230 @@
+//! The copy engine (DESIGN.md §7): makes a destination tree equal to a source tree.
+//!
+//! [`sync_tree`] is a native `rsync -aX --delete`: it never follows symlinks (every lookup is an
+//! `lstat`/`O_NOFOLLOW` relative to an opened directory descriptor), skips files whose type, size
+//! and mtime (ns) match, and writes changed files to a temporary name ([`TEMP_PREFIX`]) that is
+//! renamed over the final name, so a reader — or a crash — sees either the old or the new file.
+//!
+//! # Durability ordering (`CopyOptions::durable`, used when the destination is on disk)
+//!
+//! 1. Walk both trees. Every new or changed non-directory is written completely (data, owner,
+//!    mode, xattrs, then times) under a temporary name in its destination directory. A directory
+//!    that is new (or replaces a non-directory) is built completely under a temporary name and
+//!    renamed as a whole later, so its content needs no per-file renames. Nothing visible under a
+//!    final name changes in this phase except metadata fixed in place (never on an inode with
+//!    `st_nlink > 1`, which is shared with the hard-linked start-state clone).
+//! 2. `syncfs` the destination: every temporary file is durable before any of them is renamed,
+//!    so no rename can ever be persisted ahead of its data (a torn file). One `syncfs` instead of
+//!    an `fsync` per file: it flushes the same data with one journal commit instead of thousands,
+//!    and since Linux 5.8 it reports writeback errors of the whole filesystem (the descriptor we
+//!    call it on was opened before any of our writes, so no error can be missed).
+//! 3. Rename the temporaries over their final names (`RENAME_EXCHANGE` where a directory and a
+//!    non-directory swap places, so the name never disappears).
+//! 4. If anything is to be deleted: `syncfs` again, so the new copies of moved files are durable
+//!    before their old names go away; then delete the destination entries the source lacks.
+//! 5. Fix directory metadata bottom-up (after their children changed, since every rename or
+//!    unlink bumps the directory's mtime), then a final `syncfs`.
+//!
+//! A crash at any point leaves every destination file at its old or its new version; leftovers
+//! are temporary names only, removed by [`remove_temp_files`]. Without `durable` (copying into
+//! tmpfs) the same code runs without syncs, and new entries are created directly under their
+//! final names.
+//!
+//! # Incremental and full comparisons
+//!
+//! With [`CopyOptions::changed_since`] only source entries changed since the previous sync
+//! (by their ctime) are compared, and destination directories are opened and listed only where
+//! the source changed: an unchanged subtree costs no destination I/O. A full comparison instead
+//! lstats every destination entry, which with a cold cache waits on the disk; prefetch
+//! threads keep several of those reads in flight ahead of the walk. An incremental one has a
+//! scout thread find the changed entries in the source ahead of the walk, and threads look
+//! their destination counterparts up meanwhile.
+//!
+//! Errors on single entries do not stop the walk (one unreadable file must not keep every other
+//! file from being written back): they are logged, and the first one is returned at the end.
+//! Entries whose source could not be read are never deleted from the destination.
+
+mod clone;
+mod durable;
+mod engine;
+mod helpers;
+mod metadata;
+mod prefetch;
+mod probe;
+mod scout;
+mod tree;
+mod walk;
+mod write;
+
+#[cfg(test)]
+mod tests;
+
+#[cfg(test)]
+mod manual;
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use engine::Engine;
+
+pub use clone::hardlink_clone;
+pub use tree::{find_hardlinked_files, remove_temp_files, tree_size};
+
+/// Prefix of temporary files the engine creates; crash recovery removes leftovers with this prefix.
+pub const TEMP_PREFIX: &str = ".#asd-tmp.";
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CopyOptions {
+    /// Remove entries of the destination that the source does not have (after all copies).
+    pub delete: bool,
+    /// Make the result durable before returning (fsync/syncfs); needed when the destination is disk.
+    pub durable: bool,
+    /// Incremental mode: the caller guarantees that at this time the destination was equal to
+    /// the source (take it with [`Timestamp::now`] before the previous complete sync started
+    /// reading the source). Then only what changed in the source since then is compared:
+    ///
+    /// - a source entry whose ctime is older is unchanged: its destination counterpart is not
+    ///   looked at at all (no lstat);
+    /// - a source directory whose ctime is older had no entries added, removed or renamed, so
+    ///   its destination counterpart is not listed and nothing is deleted in it; its
+    ///   subdirectories are still walked (on the source side) for changes deeper down;
+    /// - destination directories are opened only where something is to be compared or written,
+    ///   so an unchanged subtree costs no destination I/O at all.
+    ///
+    /// ctime is set by the kernel alone, from the wall clock (on write, truncate, chmod, chown,
+    /// xattr changes, rename and link count changes; a directory's also on entry additions,
+    /// removals and renames), so no change made through the source is missed, with these
+    /// exceptions: the clock was set back between this time and now (detected only if it is
+    /// still earlier now: the option is then ignored, a full comparison); and writes through a
+    /// shared mmap that stamp no time (tmpfs stamps only the first write fault on each page of
+    /// a mapping), which the size+mtime quick check cannot see either. [`CTIME_MARGIN_MS`] is
+    /// subtracted to absorb the coarse clock the kernel stamps inodes with.
+    ///
+    /// The trade-off: a change made to the *destination* behind the engine's back, under a name
+    /// whose source did not change, is not seen (nor repaired). asd therefore uses a full
+    /// comparison (`None`) at unsync and for the first resync after a start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changed_since: Option<Timestamp>,
+}
+
+/// A wall-clock time (`CLOCK_REALTIME`, the clock inode times are taken from): seconds and
+/// nanoseconds since the Unix epoch, `nsec` in `0..1_000_000_000`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Timestamp {
+    pub sec: i64,
+    pub nsec: i64,
+}
+
+/// Subtracted from [`CopyOptions::changed_since`], in milliseconds: the source's inode times
+/// (tmpfs, or a filesystem on zram, both with nanosecond times) come from the kernel's coarse
+/// clock, which lags the clock the caller reads by at most one tick (≤ 10 ms at HZ=100). 100 ms
+/// covers that tenfold. Kept small on purpose: a sync's own copies are made just before
+/// `changed_since` is taken, and everything newer than the cutoff is compared again.
+pub const CTIME_MARGIN_MS: i64 = 100;
+
+impl Timestamp {
+    pub fn now() -> Timestamp {
+        Timestamp::from(std::time::SystemTime::now())
+    }
+
+    /// `nsec` brought into `0..1_000_000_000` (a deserialized value may be denormal), so that
+    /// the derived ordering is the ordering of times.
+    fn normalized(self) -> Timestamp {
+        const NS: i64 = 1_000_000_000;
+        Timestamp {
+            sec: self.sec.saturating_add(self.nsec.div_euclid(NS)),
+            nsec: self.nsec.rem_euclid(NS),
+        }
+    }
+}
+
+impl From<std::time::SystemTime> for Timestamp {
+    fn from(t: std::time::SystemTime) -> Timestamp {
+        let signed = |d: std::time::Duration| {
+            (
+                i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+                i64::from(d.subsec_nanos()),
+            )
+        };
+        match t.duration_since(std::time::UNIX_EPOCH) {
+            Ok(d) => {
+                let (sec, nsec) = signed(d);
+                Timestamp { sec, nsec }
+            }
+            // Before 1970: negate, then normalize the nanoseconds.
+            Err(e) => {
+                let (sec, nsec) = signed(e.duration());
+                Timestamp {
+                    sec: -sec,
+                    nsec: -nsec,
+                }
+                .normalized()
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CopyStats {
+    pub files_copied: u64,
+    pub bytes_copied: u64,
+    pub metadata_updated: u64,
+    pub dirs_created: u64,
+    pub symlinks_copied: u64,
+    pub deleted: u64,
+    /// Entries that disappeared from the source during the walk (not an error).
+    pub vanished: u64,
+    /// Entries found unchanged: examined, or (with `changed_since`) by their ctime alone.
+    /// Directories are not counted.
+    pub unchanged: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CopyError {
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn cerr(op: &'static str, path: PathBuf, e: impl Into<std::io::Error>) -> CopyError {
+    CopyError::Io {
+        op,
+        path,
+        source: e.into(),
+    }
+}
+
+/// Make `dst` (an existing directory) equal to `src`.
+pub fn sync_tree(src: &Path, dst: &Path, opts: &CopyOptions) -> Result<CopyStats, CopyError> {
+    Engine::new(src, dst, opts, None).run()
+}
+
+/// [`sync_tree`] with a hook called with the source path of every entry just before it is
+/// examined; tests use it to make entries vanish mid-walk.
+#[cfg(test)]
+fn sync_tree_with_hook(
+    src: &Path,
+    dst: &Path,
+    opts: &CopyOptions,
+    hook: &mut dyn FnMut(&Path),
+) -> Result<CopyStats, CopyError> {
+    Engine::new(src, dst, opts, Some(hook)).run()
+}
+
+/// [`sync_tree`] with a ctime margin of `margin` milliseconds instead of [`CTIME_MARGIN_MS`].
+#[cfg(test)]
+fn sync_tree_with_margin(
+    src: &Path,
+    dst: &Path,
+    opts: &CopyOptions,
+    margin: i64,
+) -> Result<CopyStats, CopyError> {
+    let mut engine = Engine::new(src, dst, opts, None);
+    engine.margin = margin;
+    engine.run()
+}

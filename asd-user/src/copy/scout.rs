@@ -1,0 +1,211 @@
+//! The scout thread and its workers, which warm the destination's metadata ahead of an
+//! incremental comparison: the scout walks the source with the walk's cutoff and queues the
+//! destination lookups the walk will make; the workers make them, many at once. They only read.
+
+use std::collections::HashSet;
+use std::ffi::CString;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use rustix::fs::{self as rfs, FileType, Mode};
+
+use crate::fsio::{fstat, list_dir, lstat_at, DIR_FLAGS};
+
+use super::engine::Engine;
+use super::helpers::push_rel;
+use super::Timestamp;
+
+// ---------------------------------------------------------------------------------------------
+// Warming the destination's metadata ahead of an incremental comparison.
+
+/// Ahead of an incremental comparison: a scout thread walks the source (tmpfs: cheap) with the
+/// same cutoff as the walk and queues the destination lookups the walk will make (the
+/// directories of changed entries, the entries themselves, the listings of changed
+/// directories); worker threads make them, many at once. With a cold cache the walk would wait
+/// on these reads one after another; this way it mostly finds them cached. They only read,
+/// decide nothing, and stop as soon as the walk is done.
+pub(super) struct Scout {
+    shared: std::sync::Arc<ScoutShared>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+struct ScoutShared {
+    /// Only opened through (`Engine::open_rel`), never read: it may share the walk's offset.
+    dst: OwnedFd,
+    queue: std::sync::Mutex<ScoutQueue>,
+    wake: std::sync::Condvar,
+    stop: std::sync::atomic::AtomicBool,
+}
+
+type ScoutJob = (Vec<u8>, Vec<CString>, Option<HashSet<CString>>);
+
+#[derive(Default)]
+struct ScoutQueue {
+    /// In the order the walk needs them: destination directories (relative to the root), the
+    /// names in each to lstat, and for one to be listed the source's names (the others in the
+    /// listing are to be deleted: lstat them too).
+    jobs: std::collections::VecDeque<ScoutJob>,
+    /// The scout has finished walking the source.
+    walked: bool,
+}
+
+/// Lookups in flight: they wait on the disk, not on the CPU. 4, 8 and 16 measured alike
+/// (20k files all within the cutoff, cold: 0.40 s without, 0.24-0.27 s with).
+const SCOUT_WORKERS: usize = 8;
+
+impl Scout {
+    pub(super) fn start(
+        src: BorrowedFd<'_>,
+        dst: BorrowedFd<'_>,
+        cutoff: Timestamp,
+    ) -> Option<Scout> {
+        // Its own open file description: a duplicate would share the walk's directory offset.
+        let src = rfs::openat(src, c".", DIR_FLAGS, Mode::empty()).ok()?;
+        let shared = std::sync::Arc::new(ScoutShared {
+            dst: dst.try_clone_to_owned().ok()?,
+            queue: std::sync::Mutex::new(ScoutQueue::default()),
+            wake: std::sync::Condvar::new(),
+            stop: std::sync::atomic::AtomicBool::new(false),
+        });
+        let mut threads = Vec::with_capacity(SCOUT_WORKERS + 1);
+        let sh = shared.clone();
+        let scout = std::thread::Builder::new()
+            .name("asd-copy-scout".into())
+            .spawn(move || {
+                let changed = fstat(src.as_fd()).is_ok_and(|m| m.ctime >= cutoff);
+                scout_dir(
+                    &sh,
+                    src.as_fd(),
+                    &mut Vec::new(),
+                    changed,
+                    cutoff,
+                    &mut Vec::new(),
+                );
+                if let Ok(mut q) = sh.queue.lock() {
+                    q.walked = true;
+                }
+                sh.wake.notify_all();
+            })
+            .ok()?;
+        threads.push(scout);
+        for _ in 0..SCOUT_WORKERS {
+            let sh = shared.clone();
+            if let Ok(t) = std::thread::Builder::new()
+                .name("asd-copy-prefetch".into())
+                .spawn(move || scout_worker(&sh))
+            {
+                threads.push(t);
+            }
+        }
+        Some(Scout { shared, threads })
+    }
+
+    pub(super) fn stop(self) {
+        self.shared
+            .stop
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.shared.wake.notify_all();
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
+impl ScoutShared {
+    fn stopped(&self) -> bool {
+        self.stop.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn push(&self, job: ScoutJob) {
+        if let Ok(mut q) = self.queue.lock() {
+            q.jobs.push_back(job);
+        }
+        self.wake.notify_one();
+    }
+}
+
+/// Queues the destination lookups for source directory `dir` (`changed` since the cutoff: the
+/// walk lists its destination) and its changed entries, then does the same below.
+fn scout_dir(
+    sh: &ScoutShared,
+    dir: BorrowedFd<'_>,
+    rel: &mut Vec<u8>,
+    changed: bool,
+    cutoff: Timestamp,
+    buf: &mut Vec<u8>,
+) {
+    let Ok(names) = list_dir(dir, buf) else {
+        return;
+    };
+    let mut lookups = Vec::new();
+    let mut subdirs = Vec::new();
+    let listed = changed.then(|| names.iter().cloned().collect::<HashSet<CString>>());
+    for name in names {
+        if sh.stopped() {
+            return;
+        }
+        let Ok(m) = lstat_at(dir, &name) else {
+            continue;
+        };
+        let new = m.ctime >= cutoff;
+        if m.kind == FileType::Directory {
+            subdirs.push((name.clone(), new));
+        }
+        if new {
+            lookups.push(name);
+        }
+    }
+    if listed.is_some() || !lookups.is_empty() {
+        sh.push((rel.clone(), lookups, listed));
+    }
+    // Subdirectories after the entries, as the walk takes them.
+    for (name, new) in subdirs {
+        if sh.stopped() {
+            return;
+        }
+        let len = push_rel(rel, &name);
+        if let Ok(sub) = rfs::openat(dir, &name, DIR_FLAGS, Mode::empty()) {
+            scout_dir(sh, sub.as_fd(), rel, new, cutoff, buf);
+        }
+        rel.truncate(len);
+    }
+}
+
+fn scout_worker(sh: &ScoutShared) {
+    let mut buf = Vec::new();
+    loop {
+        let (rel, mut names, listed) = {
+            let Ok(mut q) = sh.queue.lock() else {
+                return;
+            };
+            loop {
+                if sh.stopped() {
+                    return;
+                }
+                if let Some(job) = q.jobs.pop_front() {
+                    break job;
+                }
+                if q.walked {
+                    return;
+                }
+                q = match sh.wake.wait(q) {
+                    Ok(q) => q,
+                    Err(_) => return,
+                };
+            }
+        };
+        // Errors do not matter here: the walk meets them again and reports them.
+        let Ok(dir) = Engine::open_rel(sh.dst.as_fd(), &rel) else {
+            continue;
+        };
+        if let Some(src) = listed {
+            let extra = list_dir(dir.as_fd(), &mut buf).unwrap_or_default();
+            names.extend(extra.into_iter().filter(|n| !src.contains(n)));
+        }
+        for name in names {
+            if sh.stopped() {
+                return;
+            }
+            let _ = lstat_at(dir.as_fd(), &name);
+        }
+    }
+}

@@ -1,0 +1,321 @@
+//! The walk of a directory pair: lists and probes both sides, hands each entry to the code
+//! that syncs it, deletes extra destination entries, and descends into subdirectories
+//! (existing ones, or new ones built from scratch), setting directory metadata afterwards.
+
+use std::cell::OnceCell;
+use std::collections::HashMap;
+use std::ffi::{CStr, CString};
+use std::os::fd::{AsFd, OwnedFd};
+
+use rustix::fs::{self as rfs, AtFlags, FileType, Mode};
+use rustix::io::Errno;
+use tracing::{debug, warn};
+
+use crate::fsio::{list_dir, mode, read_xattrs, remove_entry, wanted_xattr, Meta, XRef, DIR_FLAGS};
+
+use super::cerr;
+use super::durable::DirJob;
+use super::engine::{DirCtx, Engine};
+use super::helpers::{list_dir_typed, push_rel};
+use super::probe::{DstProbe, InDst};
+
+impl Engine<'_> {
+    // -- the walk ---------------------------------------------------------------------------
+
+    pub(super) fn sync_dir(&mut self, d: &DirCtx<'_>) {
+        let names = match list_dir(d.src, &mut self.dirbuf) {
+            Ok(n) => n,
+            Err(e) => {
+                let e = cerr("readdir", self.src_path(None), e);
+                self.fail(e);
+                return;
+            }
+        };
+        // The destination's names, where they can differ from the source's: in a changed
+        // directory. In an unchanged one they are the same, so the listing is not read.
+        let mut listing: Option<HashMap<CString, FileType>> = if d.fresh {
+            Some(HashMap::new())
+        } else if d.changed {
+            let listed = self.dst_dir(d).and_then(|dst| {
+                list_dir_typed(dst, &mut self.dirbuf)
+                    .map_err(|e| cerr("readdir", self.dst_path(None), e))
+            });
+            match listed {
+                Ok(n) => Some(n),
+                Err(e) => return self.fail(e),
+            }
+        } else {
+            None
+        };
+        // Whatever happens to a source name below, its destination counterpart is not "extra".
+        let entries: Vec<(CString, InDst)> = names
+            .into_iter()
+            .map(|n| {
+                let in_dst = match listing.as_mut() {
+                    Some(l) => l.remove(n.as_c_str()).map_or(InDst::No, InDst::Listed),
+                    None => InDst::Assumed,
+                };
+                (n, in_dst)
+            })
+            .collect();
+        let mut probes = self.probe_all(d, entries);
+        // Changed entries of a directory whose destination is not open yet: open it now (they
+        // are few, and the directory itself is probably still cached from the first pass).
+        let pending: Vec<(CString, InDst)> = probes
+            .iter()
+            .filter(|p| matches!(p.dst, DstProbe::Pending))
+            .map(|p| (p.name.clone(), InDst::Assumed))
+            .collect();
+        if !pending.is_empty() {
+            probes.retain(|p| !matches!(p.dst, DstProbe::Pending));
+            match self.dst_dir(d) {
+                Ok(_) => probes.extend(self.probe_all(d, pending)),
+                // Their subdirectories can still be walked.
+                Err(e) => self.fail(e),
+            }
+        }
+        let mut subdirs = Vec::new();
+        for p in probes {
+            let name = p.name;
+            let sm = match p.src {
+                Ok(m) => m,
+                Err(Errno::NOENT) => {
+                    self.stats.vanished += 1;
+                    continue;
+                }
+                Err(e) => {
+                    self.fail(cerr("lstat", self.src_path(Some(&name)), e));
+                    continue;
+                }
+            };
+            let dm = match p.dst {
+                DstProbe::Unchanged if sm.kind == FileType::Directory => {
+                    subdirs.push((name, sm, None, true));
+                    continue;
+                }
+                DstProbe::Unchanged => {
+                    self.stats.unchanged += 1;
+                    continue;
+                }
+                // Not reached: pending names were probed again above.
+                DstProbe::Pending => continue,
+                DstProbe::Absent | DstProbe::Stat(Err(Errno::NOENT)) => None,
+                DstProbe::Stat(Ok(m)) => Some(m),
+                DstProbe::Stat(Err(e)) => {
+                    self.fail(cerr("lstat", self.dst_path(Some(&name)), e));
+                    continue;
+                }
+            };
+            match sm.kind {
+                FileType::Directory => subdirs.push((name, sm, dm, false)),
+                FileType::RegularFile => self.sync_file(d, &name, &sm, dm.as_ref(), p.xattrs),
+                FileType::Symlink => self.sync_symlink(d, &name, &sm, dm.as_ref()),
+                FileType::Fifo | FileType::CharacterDevice | FileType::BlockDevice => {
+                    self.sync_special(d, &name, &sm, dm.as_ref())
+                }
+                _ => debug!(path = ?self.src_path(Some(&name)), "skipping socket"),
+            }
+        }
+        for (name, sm, dm, unchanged) in subdirs {
+            self.sync_subdir(d, &name, &sm, dm.as_ref(), unchanged);
+        }
+        let extra = listing.unwrap_or_default();
+        if self.opts.delete && !extra.is_empty() {
+            // Sorted, so that runs are reproducible.
+            let mut extra: Vec<CString> = extra.into_keys().collect();
+            extra.sort();
+            for name in extra {
+                if self.opts.durable && !d.fresh {
+                    let dir = self.dir_idx(d);
+                    self.deletions.push((dir, name));
+                    continue;
+                }
+                d.touched.set(true);
+                let removed = self.dst_dir(d).and_then(|dst| {
+                    remove_entry(dst, &name, &mut self.dirbuf)
+                        .map_err(|e| cerr("remove", self.dst_path(Some(&name)), e))
+                });
+                match removed {
+                    Ok(n) => self.stats.deleted += n,
+                    Err(e) => self.fail(e),
+                }
+            }
+        }
+    }
+
+    /// `dm`: the destination's lstat; `unchanged`: the source directory did not change since
+    /// the cutoff, so the destination has it (not looked at).
+    fn sync_subdir(
+        &mut self,
+        d: &DirCtx<'_>,
+        name: &CStr,
+        sm: &Meta,
+        dm: Option<&Meta>,
+        unchanged: bool,
+    ) {
+        if (sm.dev, sm.ino) == self.dst_root_id {
+            warn!(path = ?self.src_path(Some(name)), "not copying the destination into itself");
+            return;
+        }
+        let src = match rfs::openat(d.src, name, DIR_FLAGS, Mode::empty()) {
+            Ok(fd) => fd,
+            Err(Errno::NOENT) | Err(Errno::NOTDIR) | Err(Errno::LOOP) => {
+                self.stats.vanished += 1;
+                return;
+            }
+            Err(e) => {
+                self.fail(cerr("open", self.src_path(Some(name)), e));
+                return;
+            }
+        };
+        let src_len = push_rel(&mut self.src_rel, name);
+        match dm {
+            _ if unchanged => {
+                // Opened on first use, through `d`, if anything below needs it.
+                let dst = OnceCell::new();
+                self.sync_child_dir(d, name, &src, sm, &dst, false);
+            }
+            Some(dm) if dm.kind == FileType::Directory => {
+                self.sync_existing_dir(d, name, &src, sm, dm)
+            }
+            other => self.sync_new_dir(d, name, &src, sm, other),
+        }
+        self.src_rel.truncate(src_len);
+    }
+
+    /// Walks the pair (`src`, `dst`: the destination directory `name` in `d`, or not opened
+    /// yet), then sets the destination's metadata where needed.
+    fn sync_child_dir(
+        &mut self,
+        d: &DirCtx<'_>,
+        name: &CStr,
+        src: &OwnedFd,
+        sm: &Meta,
+        dst: &OnceCell<OwnedFd>,
+        made_writable: bool,
+    ) {
+        let dst_len = push_rel(&mut self.dst_rel, name);
+        let cd = DirCtx::new(src.as_fd(), dst, Some((d, name)), false, self.changed(sm));
+        cd.made_writable.set(made_writable);
+        self.sync_dir(&cd);
+        if cd.needs_meta() {
+            self.finish_dir(&cd, sm);
+        }
+        self.dst_rel.truncate(dst_len);
+    }
+
+    fn sync_existing_dir(
+        &mut self,
+        d: &DirCtx<'_>,
+        name: &CStr,
+        src: &OwnedFd,
+        sm: &Meta,
+        dm: &Meta,
+    ) {
+        let pdst = match self.dst_dir(d) {
+            Ok(fd) => fd,
+            Err(e) => return self.fail(e),
+        };
+        let mut made_writable = false;
+        let dst = match rfs::openat(pdst, name, DIR_FLAGS, Mode::empty()) {
+            Err(Errno::ACCESS) => {
+                // Our own directory without read/search permission: open it up; its mode is
+                // restored with its metadata.
+                made_writable = true;
+                rfs::chmodat(pdst, name, mode(dm.perm | 0o700), AtFlags::empty())
+                    .and_then(|()| rfs::openat(pdst, name, DIR_FLAGS, Mode::empty()))
+            }
+            other => other,
+        };
+        let dst = match dst {
+            Ok(fd) => fd,
+            Err(e) => {
+                self.fail(cerr("open", self.dst_path(Some(name)), e));
+                return;
+            }
+        };
+        if self.opts.durable {
+            self.note_device(dm.dev, dst.as_fd());
+        }
+        let dst = OnceCell::from(dst);
+        self.sync_child_dir(d, name, src, sm, &dst, made_writable);
+    }
+
+    fn sync_new_dir(
+        &mut self,
+        d: &DirCtx<'_>,
+        name: &CStr,
+        src: &OwnedFd,
+        sm: &Meta,
+        dm: Option<&Meta>,
+    ) {
+        let pdst = match self.dst_dir(d) {
+            Ok(fd) => fd,
+            Err(e) => return self.fail(e),
+        };
+        // Durable: build the whole directory under a temporary name and rename it into place
+        // later, so no half-filled directory ever appears under its final name.
+        let direct = dm.is_none() && (d.fresh || !self.opts.durable);
+        let made = self.create_entry(d, pdst, direct.then_some(name), |dir, n| {
+            rfs::mkdirat(dir, n, mode(0o700))
+        });
+        let (dname, ()) = match made {
+            Ok(x) => x,
+            Err(e) => {
+                self.fail(cerr("mkdir", self.dst_path(Some(name)), e));
+                return;
+            }
+        };
+        let dst = match rfs::openat(pdst, &dname, DIR_FLAGS, Mode::empty()) {
+            Ok(fd) => fd,
+            Err(e) => {
+                self.fail(cerr("open", self.dst_path(Some(&dname)), e));
+                let _ = rfs::unlinkat(pdst, &dname, AtFlags::REMOVEDIR);
+                return;
+            }
+        };
+        self.stats.dirs_created += 1;
+        let dst_len = push_rel(&mut self.dst_rel, &dname);
+        let dst = OnceCell::from(dst);
+        let cd = DirCtx::new(src.as_fd(), &dst, Some((d, &dname)), true, true);
+        self.sync_dir(&cd);
+        self.finish_dir(&cd, sm);
+        self.dst_rel.truncate(dst_len);
+        drop(dst);
+        if !direct {
+            let exchange = dm.is_some();
+            self.commit(d, dname, name, exchange);
+        }
+    }
+
+    /// Directory metadata after its children: now, or in phase 5 if renames or deletions in it
+    /// are still pending (they would bump its mtime).
+    pub(super) fn finish_dir(&mut self, cd: &DirCtx<'_>, sm: &Meta) {
+        let sx = match read_xattrs(XRef::Fd(cd.src), wanted_xattr) {
+            Ok(x) => x,
+            Err(e) => {
+                self.fail(cerr("listxattr", self.src_path(None), e));
+                return;
+            }
+        };
+        match cd.idx.get() {
+            Some(dir) if self.opts.durable => self.dir_jobs.push(DirJob {
+                dir,
+                meta: *sm,
+                xattrs: sx,
+            }),
+            _ => {
+                let applied = self.dst_dir(cd).and_then(|dst| {
+                    self.apply_dir_meta(dst, sm, &sx)
+                        .map_err(|e| cerr("set metadata", self.dst_path(None), e))
+                });
+                match applied {
+                    // A directory created by this run is not an update.
+                    Ok(true) if !cd.fresh => self.stats.metadata_updated += 1,
+                    Ok(_) => {}
+                    Err(e) => self.fail(e),
+                }
+            }
+        }
+    }
+}
