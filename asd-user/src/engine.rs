@@ -49,6 +49,24 @@ fn target_err(target: &Path, e: impl std::error::Error + Send + Sync + 'static) 
 }
 
 /// A busy target's error names the programs using it, where asd can see them.
+/// The cutoff of a write-back of `t` that compares only what changed since the last one, or
+/// `None` for a comparison of the whole tree: when nothing vouches that disk and RAM were equal
+/// at a known time (after a recovery, or state from an older asd), or when the last full
+/// comparison is [`state::FULL_COMPARE_EVERY`] old. Why the shortcut misses no change made
+/// through the target: see `CopyOptions::changed_since` (ctime is stamped by the kernel on every
+/// write, truncate, chmod, chown, xattr change, link count change and rename, a directory's on
+/// every entry added, removed or renamed; a clock set back makes the engine compare
+/// everything). What it cannot see is a change made to the disk side behind the cover, which
+/// the periodic full comparison repairs.
+fn incremental_since(t: &TargetState) -> Option<crate::copy::Timestamp> {
+    let full_at = t.full_compare_at?;
+    let age = state::now_secs().checked_sub(full_at)?;
+    if age >= state::FULL_COMPARE_EVERY {
+        return None;
+    }
+    t.clean_since
+}
+
 fn busy_named(target: &Path, e: MountError) -> EngineError {
     if matches!(e, MountError::Busy { .. }) {
         match holders::open_in(target) {
@@ -219,6 +237,7 @@ impl Engine<'_> {
                 mode: p.mode,
                 stage: Stage::Syncing,
                 clean_since: None,
+                full_compare_at: None,
             };
             // Leftovers on disk without any state: a reboot after a crash.
             match recover::recover(self.mounter, &t, None, &cfg) {
@@ -268,6 +287,7 @@ impl Engine<'_> {
             mode: p.mode,
             stage: Stage::Syncing,
             clean_since: None,
+            full_compare_at: None,
         };
         state.upsert(t.clone());
         self.runtime.save(state)?;
@@ -295,6 +315,7 @@ impl Engine<'_> {
         };
         t.stage = Stage::Synced;
         t.clean_since = copied_at;
+        t.full_compare_at = copied_at.map(|_| state::now_secs());
         state.upsert(t.clone());
         self.runtime.save(state)?;
         tracing::info!(
@@ -428,8 +449,8 @@ impl Engine<'_> {
 
     /// Write one live target back to disk; durable when it returns. `dst` is the original
     /// directory: its backup mount while covered, the target path itself once uncovered.
-    /// `since`: compare only what changed after that time (a periodic resync); `None` compares
-    /// everything (unsync, which also repairs any change made to the disk side behind our back).
+    /// `since`: compare only what changed after that time; `None` compares everything (which
+    /// also repairs any change made to the disk side behind our back).
     fn write_back(
         &self,
         t: &TargetState,
@@ -475,9 +496,13 @@ impl Engine<'_> {
             }
             // Taken before the walk: whatever changes during it is newer and is seen next time.
             let started = crate::copy::Timestamp::now();
-            match self.write_back(t, &t.paths.backup, t.clean_since) {
+            let since = incremental_since(t);
+            match self.write_back(t, &t.paths.backup, since) {
                 Ok(s) => {
                     t.clean_since = Some(started);
+                    if since.is_none() {
+                        t.full_compare_at = Some(state::now_secs());
+                    }
                     report.stats.push((t.paths.target.clone(), s))
                 }
                 Err(e) => failed.add(e.to_string()),
@@ -539,12 +564,12 @@ impl Engine<'_> {
     fn unsync_live(&self, t: &TargetState, state: &mut State) -> Result<(), EngineError> {
         let p = &t.paths;
         let te = |e: MountError| target_err(&p.target, e);
-        // A full comparison first (it also repairs anything changed on the disk side behind
-        // our back); then the cover goes read-only and a quick pass catches what was written
-        // meanwhile; then the cover goes. Nothing is written back after the target shows the
-        // disk again, so nothing written there can be overwritten.
+        // A write-back of what changed since the last one (the whole tree when in doubt, see
+        // `incremental_since`); then the cover goes read-only and a quick pass catches what was
+        // written meanwhile; then the cover goes. Nothing is written back after the target shows
+        // the disk again, so nothing written there can be overwritten.
         let started = crate::copy::Timestamp::now();
-        self.write_back(t, &p.backup, None)?;
+        self.write_back(t, &p.backup, incremental_since(t))?;
         // Read-only for the last pass is a safeguard, not a requirement (an older helper may not
         // know how): without it the last pass runs all the same.
         // A failed freeze may still have taken effect (e.g. the helper froze but could not

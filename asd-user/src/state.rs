@@ -95,7 +95,16 @@ pub struct TargetState {
     /// or the last resync's walk), so a resync only compares what changed since.
     #[serde(default)]
     pub clean_since: Option<crate::copy::Timestamp>,
+    /// Copy mode: when (seconds since the epoch) the disk was last compared with the RAM copy
+    /// entry by entry (the initial copy counts). An incremental write-back cannot see changes
+    /// made to the disk side behind asd's back, so a resync compares everything again once this
+    /// is [`FULL_COMPARE_EVERY`] old.
+    #[serde(default)]
+    pub full_compare_at: Option<u64>,
 }
+
+/// How often a resync compares the whole tree instead of what changed since the last one.
+pub const FULL_COMPARE_EVERY: u64 = 24 * 3600;
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct State {
