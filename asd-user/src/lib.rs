@@ -8,6 +8,7 @@ pub mod daemon;
 pub mod engine;
 pub(crate) mod fsio;
 pub mod holders;
+pub mod journal;
 pub mod mount;
 pub mod mountinfo;
 pub mod nsops;
