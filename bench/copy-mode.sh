@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # Benchmark of the copy mode (not a test): times asd sync / resync / unsync on a generated tree
-# and, in the same run on the same tree, `cp -a` into tmpfs and `rsync -aX --delete` of the
-# changed copy back to disk; prints the ratios. Runs in a private mount namespace, as root.
-#   bench/copy-mode.sh [FILES] [TOTAL_MB]        (default 20000 files, ~300 MB)
+# and, in the same run on the same tree, the parallel-read floor (every file read once with
+# READERS readers in flight, and with one), `cp -a` into tmpfs, `rsync -aX --delete` of the
+# changed copy back to disk, and the write-back of anything-sync-daemon 6.0's unsync; prints the
+# ratios. Timed steps start with a cold page cache unless marked warm. Private mount namespace,
+# as root.
+#   bench/copy-mode.sh [FILES] [TOTAL_MB]        (default 20000 files, ~300 MB; env READERS=16)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:/root/.cargo/bin:$PATH"
 FILES=${1:-20000}
 TOTAL_MB=${2:-300}
+READERS=${READERS:-16}
 [ "$(id -u)" -eq 0 ] || { echo "run as root (it mounts tmpfs in a private namespace)" >&2; exit 1; }
 command -v rsync >/dev/null || { echo "needs rsync (apt-get install rsync) for the comparison" >&2; exit 1; }
 if [ -z "${ASD_BENCH_INSIDE:-}" ]; then
@@ -17,7 +21,7 @@ fi
 ASD=$PWD/target/release/asd
 W=$(mktemp -d /var/tmp/asd-bench-XXXXXX)
 trap 'cd /; umount -R "$W/vol" 2>/dev/null || true; rm -rf "$W"' EXIT
-mkdir -p "$W/vol" "$W/t" "$W/rsync-disk"
+mkdir -p "$W/vol" "$W/t" "$W/rsync-disk" "$W/rsync5-disk"
 mount -t tmpfs -o mode=1777 bench "$W/vol"
 
 echo "building $FILES files, ~$TOTAL_MB MB (mixed sizes) in $W/t ..."
@@ -63,6 +67,10 @@ for i in range(len(files) // 1000):
 PY
 }
 
+# the parallel-read floor: every file of the tree read once, READERS readers in flight, then one
+read_all() { (cd "$W" && find t -type f -print0 | xargs -0 -P "$1" -n 64 cat > /dev/null); }
+cold; t0=$(now); read_all "$READERS"; t1=$(now); READ_N=$(secs "$t0" "$t1")
+cold; t0=$(now); read_all 1; t1=$(now); READ_1=$(secs "$t0" "$t1")
 # cp -a into tmpfs (the reference for sync)
 cold; t0=$(now); cp -a "$W/t" "$W/vol/cp-copy"; t1=$(now); CP=$(secs "$t0" "$t1")
 # asd sync
@@ -75,14 +83,40 @@ t0=$(now); rsync -aX --delete "$W/vol/cp-copy/" "$W/rsync-disk/"; t1=$(now); RSY
 change_one_percent "$W/t"; cold
 t0=$(now); "$ASD" resync >/dev/null; t1=$(now); RESYNC=$(secs "$t0" "$t1")
 t0=$(now); "$ASD" resync >/dev/null; t1=$(now); RESYNC_NOCHANGE=$(secs "$t0" "$t1")
+# asd unsync with real work: another 1% change through the target after the last resync
+change_one_percent "$W/t"; cold
 t0=$(now); "$ASD" unsync >/dev/null; t1=$(now); UNSYNC=$(secs "$t0" "$t1")
+# The reference for unsync: anything-sync-daemon v6.0.0 (github.com/graysky2/anything-sync-daemon,
+# tag v6.0.0, common/anything-sync-daemon.in): `unsync)` runs do_sync then do_unsync; do_sync
+# writes the tmpfs copy back with
+#   rsync -aX --delete-after --exclude .flagged "$TMP/" "$BACKUP/" --info=progress2
+# and do_unsync only unmounts (umount -R -f -l) and rm -rf's the tmpfs copy (not timed here, so
+# the reference is if anything a little fast). Releases up to v5.86 used instead
+#   rsync -aogX --delete-after --inplace --no-whole-file --exclude .flagged "$DIR/" "$BACKUP/"
+# which is timed too, on its own disk copy. Both from the changed tmpfs copy to a disk copy that
+# holds the same state as the target before the change, with a cold cache, followed by `sync`.
+cp -a "$W/rsync-disk/." "$W/rsync5-disk/"; change_one_percent "$W/vol/cp-copy"; cold
+t0=$(now); rsync -aX --delete-after --exclude .flagged "$W/vol/cp-copy/" "$W/rsync-disk/"; sync; t1=$(now)
+ASD6_UNSYNC=$(secs "$t0" "$t1")
+cold
+t0=$(now); rsync -aogX --delete-after --inplace --no-whole-file --exclude .flagged "$W/vol/cp-copy/" "$W/rsync5-disk/"; sync; t1=$(now)
+ASD5_UNSYNC=$(secs "$t0" "$t1")
 
 ratio() { python3 -c "print(f'{$1 / $2:.2f}x')"; }
-printf '\n%-38s %9s   %s\n' "operation ($FILES files, ${TOTAL_MB} MB)" "seconds" "ratio"
-printf '%-38s %9s\n' "cp -a into tmpfs" "$CP"
-printf '%-38s %9s   %s of cp -a (goal <= 1.30x)\n' "asd sync" "$SYNC" "$(ratio "$SYNC" "$CP")"
-printf '%-38s %9s   (+ sync)\n' "rsync -aX --delete, 1% changed" "$RSYNC"
-printf '%-38s %9s   %s of rsync (goal <= 0.50x; asd includes syncfs)\n' "asd resync, 1% changed" "$RESYNC" "$(ratio "$RESYNC" "$RSYNC")"
-printf '%-38s %9s\n' "rsync, nothing changed" "$RSYNC_NOCHANGE"
-printf '%-38s %9s   %s of rsync\n' "asd resync, nothing changed" "$RESYNC_NOCHANGE" "$(ratio "$RESYNC_NOCHANGE" "$RSYNC_NOCHANGE")"
-printf '%-38s %9s\n' "asd unsync" "$UNSYNC"
+row() { printf '%-44s %9s   %s\n' "$@"; }
+echo
+row "operation ($FILES files, ${TOTAL_MB} MB)" "seconds" "ratio"
+row "read every file, $READERS readers (floor)" "$READ_N"
+row "read every file, 1 reader" "$READ_1" "$(ratio "$READ_1" "$READ_N") of the floor"
+row "cp -a into tmpfs" "$CP" "$(ratio "$CP" "$READ_N") of the floor"
+row "asd sync" "$SYNC" "$(ratio "$SYNC" "$CP") of cp -a (goal <= 0.50x)"
+row "" "" "$(ratio "$SYNC" "$READ_N") of the parallel-read floor"
+row "rsync -aX --delete, 1% changed (+ sync)" "$RSYNC"
+row "asd resync, 1% changed" "$RESYNC" "$(ratio "$RESYNC" "$RSYNC") of rsync (goal <= 0.50x; asd includes syncfs)"
+row "rsync, nothing changed (warm)" "$RSYNC_NOCHANGE"
+row "asd resync, nothing changed (warm)" "$RESYNC_NOCHANGE" "$(ratio "$RESYNC_NOCHANGE" "$RSYNC_NOCHANGE") of rsync"
+row "asd 6.0 unsync write-back, 1% (+ sync)" "$ASD6_UNSYNC" "rsync -aX --delete-after"
+row "asd 5.x unsync write-back, 1% (+ sync)" "$ASD5_UNSYNC" "rsync -aogX --delete-after --inplace --no-whole-file"
+row "asd unsync, 1% changed since resync" "$UNSYNC" "$(ratio "$UNSYNC" "$RESYNC") of asd resync (goal <= 2x)"
+row "" "" "$(ratio "$UNSYNC" "$ASD6_UNSYNC") of asd 6.0 unsync (goal <= 0.30x)"
+row "" "" "$(ratio "$UNSYNC" "$ASD5_UNSYNC") of asd 5.x unsync"
