@@ -30,6 +30,8 @@ pub(super) struct DirJob {
     pub(super) dir: usize,
     pub(super) meta: Meta,
     pub(super) xattrs: Xattrs,
+    /// Made by this run: setting its metadata is not counted as an update.
+    pub(super) created: bool,
 }
 
 impl Engine<'_> {
@@ -132,22 +134,31 @@ impl Engine<'_> {
                 }
             }
         }
-        // Phase 5: directory metadata, bottom-up (jobs were queued in post-order).
+        // Phase 5: directory metadata, bottom-up.
+        self.apply_dir_jobs(root, &mut dirs);
+        drop(dirs);
+        self.syncfs_all()
+    }
+
+    /// Sets the metadata of the directories in `dir_jobs`, in the order they were queued: the
+    /// walk queues them in post-order, so children before parents (bottom-up).
+    pub(super) fn apply_dir_jobs(&mut self, root: BorrowedFd<'_>, dirs: &mut [DeferredDir]) {
         let jobs = std::mem::take(&mut self.dir_jobs);
         for job in &jobs {
-            let Some(dir) = self.deferred_dir(root, &mut dirs, job.dir) else {
+            let Some(dir) = self.deferred_dir(root, dirs, job.dir) else {
                 continue;
             };
             match self.apply_dir_meta(dir, &job.meta, &job.xattrs) {
-                Ok(true) => self.stats.metadata_updated += 1,
-                Ok(false) => {}
+                Ok(true) if !job.created => self.stats.metadata_updated += 1,
+                Ok(_) => {}
                 Err(e) => {
-                    let p = path(&dirs, job.dir, None);
-                    self.fail(cerr("set metadata", p, e));
+                    let rel = dirs
+                        .get(job.dir)
+                        .map(|d| d.rel.as_slice())
+                        .unwrap_or_default();
+                    self.fail(cerr("set metadata", join_rel(self.dst_root, rel, None), e));
                 }
             }
         }
-        drop(dirs);
-        self.syncfs_all()
     }
 }

@@ -3,19 +3,22 @@
 //! temporary names, opening destination directories on first use, deferring work).
 
 use std::cell::{Cell, OnceCell};
-use std::collections::HashSet;
 use std::ffi::{CStr, CString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use rustix::fs::{self as rfs, AtFlags, Mode};
 use rustix::io::Errno;
 use tracing::{debug, warn};
 
-use crate::fsio::{fstat, lstat_at, mode, Ids, Meta, DIR_FLAGS, MAX_KEPT_DIRS};
+use crate::fsio::{fstat, lstat_at, mode, Meta, DIR_FLAGS, MAX_KEPT_DIRS};
 
 use super::durable::{DeferredDir, DirJob, RenameJob};
+use super::file::{Copied, FileCopier};
 use super::helpers::{is_below, join_rel, open_root};
+use super::policy::Policy;
+use super::pool::{Done, JobDir, Pool, COPY_THREADS};
 use super::prefetch::{Prefetch, PREFETCH_THREADS};
 use super::probe::{Helper, XReader};
 use super::scout::Scout;
@@ -48,6 +51,11 @@ pub(super) struct DirCtx<'f> {
     /// Something was created in or removed from the destination directory, which bumps its
     /// mtime: its metadata must be set again even if it did not change in the source.
     pub(super) touched: Cell<bool>,
+    /// The pair as the copy threads see it, once a file here was handed to them (None: the
+    /// walk copies the files here itself).
+    pub(super) job_dir: OnceCell<Option<Arc<JobDir>>>,
+    /// Files here were handed to the copy threads: the metadata waits until they finished.
+    pub(super) pooled: Cell<bool>,
 }
 
 impl<'f> DirCtx<'f> {
@@ -67,6 +75,8 @@ impl<'f> DirCtx<'f> {
             idx: Cell::new(None),
             made_writable: Cell::new(false),
             touched: Cell::new(false),
+            job_dir: OnceCell::new(),
+            pooled: Cell::new(false),
         }
     }
 
@@ -87,7 +97,8 @@ pub(super) struct Engine<'a> {
     pub(super) stats: CopyStats,
     first_error: Option<CopyError>,
     errors: u64,
-    pub(super) ids: Ids,
+    /// What the destination accepts; shared with the copy threads.
+    pub(super) policy: Arc<Policy>,
     pid: u32,
     seq: u64,
     pub(super) dst_root_id: (u64, u64),
@@ -98,18 +109,17 @@ pub(super) struct Engine<'a> {
     pub(super) dir_jobs: Vec<DirJob>,
     /// One descriptor per destination filesystem, for syncfs.
     pub(super) sync_fds: Vec<(u64, OwnedFd)>,
-    pub(super) chown_denied: u64,
-    pub(super) user_xattrs_unsupported: bool,
-    /// The destination does not take POSIX ACLs: ignore them in comparisons.
-    pub(super) acls_unsupported: bool,
     pub(super) xr: XReader,
     /// Whether to probe big directories on two threads, and the helper thread doing it.
     pub(super) parallel: bool,
     pub(super) helper: Option<Helper>,
-    /// Source/destination device pairs where copy_file_range does not work.
-    pub(super) no_cfr: HashSet<(u64, u64)>,
+    /// Writes the regular files the walk copies itself.
+    pub(super) file: FileCopier,
+    /// The copy threads, started on the first file they can take (see [`super::pool`]).
+    pub(super) pool: Option<Pool>,
+    /// No copy threads for this run (a test hook, durable mode, or they could not start).
+    pool_off: bool,
     pub(super) dirbuf: Vec<u8>,
-    pub(super) databuf: Vec<u8>,
     pub(super) hook: Option<&'a mut dyn FnMut(&Path)>,
     /// `CopyOptions::changed_since` minus the margin, unless ignored: source entries with an
     /// older ctime are unchanged.
@@ -125,6 +135,8 @@ impl<'a> Engine<'a> {
         opts: &'a CopyOptions,
         hook: Option<&'a mut dyn FnMut(&Path)>,
     ) -> Engine<'a> {
+        let policy = Arc::new(Policy::new());
+        let pool_off = opts.durable || hook.is_some();
         Engine {
             opts,
             src_root: src,
@@ -134,7 +146,7 @@ impl<'a> Engine<'a> {
             stats: CopyStats::default(),
             first_error: None,
             errors: 0,
-            ids: Ids::current(),
+            policy: Arc::clone(&policy),
             pid: std::process::id(),
             seq: 0,
             dst_root_id: (0, 0),
@@ -143,15 +155,13 @@ impl<'a> Engine<'a> {
             deletions: Vec::new(),
             dir_jobs: Vec::new(),
             sync_fds: Vec::new(),
-            chown_denied: 0,
-            user_xattrs_unsupported: false,
-            acls_unsupported: false,
             xr: XReader::new(),
             parallel: std::thread::available_parallelism().is_ok_and(|n| n.get() > 1),
             helper: None,
-            no_cfr: HashSet::new(),
+            file: FileCopier::new(policy.clone()),
+            pool: None,
+            pool_off,
             dirbuf: Vec::new(),
-            databuf: Vec::new(),
             hook,
             cutoff: None,
             margin: CTIME_MARGIN_MS,
@@ -207,10 +217,12 @@ impl<'a> Engine<'a> {
             })
         });
         // Only for a full comparison: an incremental one looks at few destination entries.
-        let prefetch = if self.cutoff.is_none() && self.parallel {
-            Prefetch::start(dst.as_fd(), PREFETCH_THREADS)
-        } else {
-            None
+        // Into RAM (not durable) the source is the disk side whose metadata is cold; the other
+        // way round the destination is.
+        let prefetch = match (self.cutoff, self.parallel, self.opts.durable) {
+            (None, true, true) => Prefetch::start(dst.as_fd(), PREFETCH_THREADS),
+            (None, true, false) => Prefetch::start(src.as_fd(), PREFETCH_THREADS),
+            _ => None,
         };
         // An incremental one looks up few destination entries, but each one cold.
         let scout = match self.cutoff {
@@ -232,12 +244,22 @@ impl<'a> Engine<'a> {
         if let Some(h) = self.helper.take() {
             h.finish();
         }
+        if let Some(pool) = self.pool.take() {
+            for done in pool.finish(self.src_root) {
+                self.record(done);
+            }
+            // The metadata of the directories the threads wrote in, bottom-up.
+            if let Some(root) = dst.get() {
+                let mut dirs = std::mem::take(&mut self.dirs);
+                self.apply_dir_jobs(root.as_fd(), &mut dirs);
+            }
+        }
         if let (true, Some(dst)) = (self.opts.durable, dst.get()) {
             self.durable_phases(dst.as_fd())?;
         }
-        if self.chown_denied > 0 {
+        if self.policy.chown_denied() > 0 {
             debug!(
-                count = self.chown_denied,
+                count = self.policy.chown_denied(),
                 "changing the owner was not permitted for some entries"
             );
         }
@@ -291,6 +313,74 @@ impl<'a> Engine<'a> {
             }
         }
         Ok(d.dst.get_or_init(|| fd).as_fd())
+    }
+
+    /// Hands the new file `name` of `d` to the copy threads, if they can take it (see
+    /// [`super::pool`]); false when the walk is to copy it itself.
+    pub(super) fn hand_to_pool(&mut self, d: &DirCtx<'_>, name: &CStr) -> bool {
+        if self.pool_off {
+            return false;
+        }
+        let Some(dir) = self.job_dir(d) else {
+            return false;
+        };
+        if self.pool.is_none() {
+            self.pool = Pool::start(&self.policy, COPY_THREADS);
+        }
+        let Some(pool) = self.pool.as_mut() else {
+            self.pool_off = true;
+            return false;
+        };
+        // Before the job: from now on the directory's metadata waits for the threads.
+        d.touched.set(true);
+        d.pooled.set(true);
+        if pool.submit(&dir, name.to_owned()).is_err() {
+            self.pool_off = true;
+            return false;
+        }
+        for done in pool.finished() {
+            self.record(done);
+        }
+        true
+    }
+
+    /// The directory pair of `d` for the copy threads: made on first use; None where a job
+    /// could fail where the walk would not (our own destination directory without write
+    /// permission, which the walk opens up first).
+    fn job_dir(&mut self, d: &DirCtx<'_>) -> Option<Arc<JobDir>> {
+        if let Some(made) = d.job_dir.get() {
+            return made.clone();
+        }
+        let made = self.make_job_dir(d);
+        d.job_dir.get_or_init(|| made).clone()
+    }
+
+    fn make_job_dir(&mut self, d: &DirCtx<'_>) -> Option<Arc<JobDir>> {
+        let dst = self.dst_dir(d).ok()?;
+        if !d.fresh && !self.policy.ids.privileged {
+            let m = fstat(dst).ok()?;
+            if m.uid != self.policy.ids.euid || m.perm & 0o300 != 0o300 {
+                return None;
+            }
+        }
+        Some(Arc::new(JobDir {
+            src: d.src.try_clone_to_owned().ok()?,
+            dst: dst.try_clone_to_owned().ok()?,
+            src_path: self.src_path(None),
+            dst_path: self.dst_path(None),
+        }))
+    }
+
+    /// Counts what a copy thread reported.
+    fn record(&mut self, done: Done) {
+        match done {
+            Ok(Copied::Bytes(n)) => {
+                self.stats.files_copied += 1;
+                self.stats.bytes_copied += n;
+            }
+            Ok(Copied::Vanished) => self.stats.vanished += 1,
+            Err(e) => self.fail(e),
+        }
     }
 
     pub(super) fn fail(&mut self, e: CopyError) {

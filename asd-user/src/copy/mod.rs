@@ -47,8 +47,11 @@
 mod clone;
 mod durable;
 mod engine;
+mod file;
 mod helpers;
 mod metadata;
+mod policy;
+mod pool;
 mod prefetch;
 mod probe;
 mod scout;

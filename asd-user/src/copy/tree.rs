@@ -14,6 +14,7 @@ use tracing::debug;
 use crate::fsio::{fstat, is_temp_name, list_dir, lstat_at, remove_tree, Meta, DIR_FLAGS};
 
 use super::helpers::open_root;
+use super::prefetch::{Prefetch, PREFETCH_THREADS};
 use super::{cerr, CopyError};
 
 // ---------------------------------------------------------------------------------------------
@@ -155,12 +156,18 @@ pub fn find_hardlinked_files(
         }
         Ok(Visit::Descend)
     };
-    walk(
+    // The walk waits on one cold metadata read after another: keep several in flight ahead.
+    let prefetch = Prefetch::start(fd.as_fd(), PREFETCH_THREADS);
+    let walked = walk(
         fd.as_fd(),
         &mut root.to_path_buf(),
         &mut Vec::new(),
         &mut visit,
-    )?;
+    );
+    if let Some(p) = prefetch {
+        p.stop();
+    }
+    walked?;
     Ok(found)
 }
 

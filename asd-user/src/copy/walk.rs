@@ -303,7 +303,18 @@ impl Engine<'_> {
                 dir,
                 meta: *sm,
                 xattrs: sx,
+                created: false,
             }),
+            // Copy threads may still be creating files in it: after they finished.
+            _ if cd.pooled.get() => {
+                let dir = self.dir_idx(cd);
+                self.dir_jobs.push(DirJob {
+                    dir,
+                    meta: *sm,
+                    xattrs: sx,
+                    created: cd.fresh,
+                })
+            }
             _ => {
                 let applied = self.dst_dir(cd).and_then(|dst| {
                     self.apply_dir_meta(dst, sm, &sx)

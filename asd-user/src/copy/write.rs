@@ -2,19 +2,17 @@
 //! and putting temporary entries in place (renamed now, or deferred to phase 3).
 
 use std::ffi::{CStr, CString};
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 
-use rustix::fs::{self as rfs, AtFlags, FileType, Mode, OFlags, RenameFlags};
+use rustix::fs::{self as rfs, AtFlags, FileType, Mode, RenameFlags};
 use rustix::io::Errno;
 use tracing::warn;
 
-use crate::fsio::{
-    copy_data, fstat, mode, read_xattrs, remove_entry, remove_tree, wanted_xattr, Meta, XRef,
-    FILE_FLAGS,
-};
+use crate::fsio::{fstat, mode, remove_entry, remove_tree, Meta, FILE_FLAGS};
 
 use super::durable::RenameJob;
 use super::engine::{DirCtx, Engine};
+use super::file::CREATE_FLAGS;
 use super::probe::{quick_equal, XattrPair};
 use super::{cerr, CopyError};
 
@@ -175,6 +173,10 @@ impl Engine<'_> {
         name: &CStr,
         dm: Option<&Meta>,
     ) -> Result<(), CopyError> {
+        // New under its final name, into RAM: the copy threads can take it.
+        if dm.is_none() && !self.opts.durable && self.hand_to_pool(d, name) {
+            return Ok(());
+        }
         let src = match rfs::openat(d.src, name, FILE_FLAGS, Mode::empty()) {
             Ok(fd) => fd,
             // Gone, or replaced by a symlink since the lstat: the next run handles it.
@@ -192,18 +194,13 @@ impl Engine<'_> {
         let dst = self.dst_dir(d)?;
         let direct = dm.is_none() && (d.fresh || !self.opts.durable);
         let created = self.create_entry(d, dst, direct.then_some(name), |dir, n| {
-            rfs::openat(
-                dir,
-                n,
-                OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                mode(0o600),
-            )
+            rfs::openat(dir, n, CREATE_FLAGS, mode(0o600))
         });
         let (tmp, out) = match created {
             Ok(x) => x,
             Err(e) => return Err(cerr("create", self.dst_path(Some(name)), e)),
         };
-        let written = self.write_file(&src, &out, &sm);
+        let written = self.file.write(&src, &out, &sm);
         drop(out);
         match written {
             Ok(n) => {
@@ -225,43 +222,6 @@ impl Engine<'_> {
             self.commit(d, tmp, name, exchange);
         }
         Ok(())
-    }
-
-    /// Data, owner, mode, xattrs, then times (last: everything before may touch them).
-    /// Errors say which operation failed and whether on the source.
-    fn write_file(
-        &mut self,
-        src: &OwnedFd,
-        out: &OwnedFd,
-        sm: &Meta,
-    ) -> Result<u64, (&'static str, bool, Errno)> {
-        let om = fstat(out.as_fd()).map_err(|e| ("stat", false, e))?;
-        let pair = (sm.dev, om.dev);
-        let mut cfr = !self.no_cfr.contains(&pair);
-        let n = copy_data(src.as_fd(), out.as_fd(), sm, &mut cfr, &mut self.databuf)
-            .map_err(|(op, e)| (op, op == "read" || op == "seek", e))?;
-        if !cfr {
-            self.no_cfr.insert(pair);
-        }
-        let sx =
-            read_xattrs(XRef::Fd(src.as_fd()), wanted_xattr).map_err(|e| ("listxattr", true, e))?;
-        // A new file can inherit a default ACL from its directory.
-        let dx = read_xattrs(XRef::Fd(out.as_fd()), wanted_xattr)
-            .map_err(|e| ("listxattr", false, e))?;
-        if sx != dx {
-            self.apply_xattrs(XRef::Fd(out.as_fd()), &sx, &dx)
-                .map_err(|e| ("setxattr", false, e))?;
-        }
-        let (uid, gid) = self.ids.change(sm, &om);
-        if uid.is_some() || gid.is_some() {
-            let r = rfs::fchown(out, uid, gid);
-            self.chown_result(r).map_err(|e| ("chown", false, e))?;
-        }
-        if sm.perm != om.perm || uid.is_some() || gid.is_some() {
-            rfs::fchmod(out, mode(sm.perm)).map_err(|e| ("chmod", false, e))?;
-        }
-        rfs::futimens(out, &sm.times()).map_err(|e| ("utimens", false, e))?;
-        Ok(n)
     }
 
     pub(super) fn sync_symlink(

@@ -1,0 +1,96 @@
+//! The copy threads of a sync into RAM (issue 9, item 1), run as a real unprivileged user the
+//! way asd's workers run: every file arrives with its data, owner, mode, xattrs and times, and
+//! directories that are read-only in the source still get all their files (their mode is set
+//! only after the threads finished writing into them; root would never notice, a user does).
+
+mod common;
+use common::*;
+
+#[test]
+fn copy_threads_fill_read_only_directories_as_a_user() {
+    if !require_root() {
+        return;
+    }
+    assert!(
+        have("rsync") && have("python3") && have("setpriv"),
+        "rsync, python3 and util-linux are needed: run the README test command"
+    );
+    let (uid, gid) = test_user("asdtest1");
+    let ns = Ns::new();
+    let src = ns.data().join("src");
+    let dst = ns.vol().join("dst");
+    // More files than the threads' queue holds, spread over directories, some read-only.
+    ns.sh_ok(&format!(
+        r#"set -e
+        python3 - '{s}' <<'PY'
+import os, sys
+root = sys.argv[1]
+for d in range(30):
+    base = os.path.join(root, f"d{{d}}", "sub")
+    os.makedirs(base)
+    for i in range(60):
+        with open(os.path.join(base if i % 2 else os.path.dirname(base), f"f{{i}}"), "wb") as f:
+            f.write(os.urandom((i * 977) % 20000))
+ro = os.path.join(root, "ro", "inner")
+os.makedirs(ro)
+for i in range(300):
+    with open(os.path.join(root, "ro", f"r{{i}}"), "wb") as f:
+        f.write(b"r" * i)
+    with open(os.path.join(ro, f"i{{i}}"), "wb") as f:
+        f.write(b"i" * i)
+PY
+        cd '{s}'
+        setfattr -n user.tag -v kept ro/r7
+        chmod 0400 ro/r1 d3/f2; chmod 0500 ro/inner; chmod 0555 ro; chmod 0700 d5
+        chown -R {uid}:{gid} '{s}'
+        mkdir '{d}'; chown {uid}:{gid} '{d}'
+        # Distinct nanosecond times on everything, directories last (bottom-up).
+        python3 - '{s}' <<'PY'
+import os, sys
+n = 0
+for d, dirs, files in os.walk(sys.argv[1], topdown=False):
+    for e in files + dirs + ([] if d != sys.argv[1] else ["."]):
+        n += 1
+        t = 1_500_000_000 * 10**9 + n * 1_000_003_007
+        os.utime(os.path.join(d, e), ns=(t, t), follow_symlinks=False)
+PY"#,
+        s = src.display(),
+        d = dst.display()
+    ));
+    let job = serde_json::json!({"Copy": {
+        "src": src, "dst": dst, "delete": true, "durable": false
+    }});
+    let mut child = ns
+        .cmd("setpriv")
+        .args([
+            format!("--reuid={uid}"),
+            format!("--regid={gid}"),
+            "--clear-groups".to_string(),
+            env!("CARGO_BIN_EXE_asd").to_string(),
+            asd::owner::WORKER_ARG.to_string(),
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("worker");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin
+            .write_all(job.to_string().as_bytes())
+            .expect("job to the worker");
+    }
+    let out = child.wait_with_output().expect("worker");
+    let text = output_text(&out);
+    assert!(out.status.success(), "the copy as the user failed: {text}");
+    assert!(
+        text.contains("\"files_copied\":2400,"),
+        "every file copied: {text}"
+    );
+    assert_eq!(
+        ns.tree_diff(&src, &dst),
+        "",
+        "RAM copy equals the source (data, owner, mode, xattrs, times)"
+    );
+}
