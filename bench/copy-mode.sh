@@ -95,12 +95,18 @@ t0=$(now); "$ASD" unsync >/dev/null; t1=$(now); UNSYNC=$(secs "$t0" "$t1")
 #   rsync -aogX --delete-after --inplace --no-whole-file --exclude .flagged "$DIR/" "$BACKUP/"
 # which is timed too, on its own disk copy. Both from the changed tmpfs copy to a disk copy that
 # holds the same state as the target before the change, with a cold cache, followed by `sync`.
-cp -a "$W/rsync-disk/." "$W/rsync5-disk/"; change_one_percent "$W/vol/cp-copy"; cold
+# With USE_BACKUPS=yes (its default, and asd's) 6.0's do_unsync also runs rm -rf "$BACK_OLD" (the
+# hard-linked start clone) and rm -rf "$TMP": timed apart (on a `cp -al` clone of the disk copy)
+# and added for the "whole 6.0 unsync" ratio.
+cp -a "$W/rsync-disk/." "$W/rsync5-disk/"; cp -al "$W/rsync-disk" "$W/rsync-old"
+change_one_percent "$W/vol/cp-copy"; cold
 t0=$(now); rsync -aX --delete-after --exclude .flagged "$W/vol/cp-copy/" "$W/rsync-disk/"; sync; t1=$(now)
 ASD6_UNSYNC=$(secs "$t0" "$t1")
 cold
 t0=$(now); rsync -aogX --delete-after --inplace --no-whole-file --exclude .flagged "$W/vol/cp-copy/" "$W/rsync5-disk/"; sync; t1=$(now)
 ASD5_UNSYNC=$(secs "$t0" "$t1")
+cold; t0=$(now); rm -rf "$W/rsync-old" "$W/vol/cp-copy"; sync; t1=$(now); ASD6_CLEANUP=$(secs "$t0" "$t1")
+ASD6_WHOLE=$(python3 -c "print(f'{$ASD6_UNSYNC + $ASD6_CLEANUP:.3f}')")
 
 ratio() { python3 -c "print(f'{$1 / $2:.2f}x')"; }
 row() { printf '%-44s %9s   %s\n' "$@"; }
@@ -116,7 +122,10 @@ row "asd resync, 1% changed" "$RESYNC" "$(ratio "$RESYNC" "$RSYNC") of rsync (go
 row "rsync, nothing changed (warm)" "$RSYNC_NOCHANGE"
 row "asd resync, nothing changed (warm)" "$RESYNC_NOCHANGE" "$(ratio "$RESYNC_NOCHANGE" "$RSYNC_NOCHANGE") of rsync"
 row "asd 6.0 unsync write-back, 1% (+ sync)" "$ASD6_UNSYNC" "rsync -aX --delete-after"
+row "asd 6.0 rm -rf start clone + RAM copy" "$ASD6_CLEANUP" "(+ sync)"
+row "asd 6.0 unsync, whole" "$ASD6_WHOLE" "write-back + rm -rf's"
 row "asd 5.x unsync write-back, 1% (+ sync)" "$ASD5_UNSYNC" "rsync -aogX --delete-after --inplace --no-whole-file"
 row "asd unsync, 1% changed since resync" "$UNSYNC" "$(ratio "$UNSYNC" "$RESYNC") of asd resync (goal <= 2x)"
-row "" "" "$(ratio "$UNSYNC" "$ASD6_UNSYNC") of asd 6.0 unsync (goal <= 0.30x)"
-row "" "" "$(ratio "$UNSYNC" "$ASD5_UNSYNC") of asd 5.x unsync"
+row "" "" "$(ratio "$UNSYNC" "$ASD6_UNSYNC") of asd 6.0 unsync write-back (goal <= 0.30x)"
+row "" "" "$(ratio "$UNSYNC" "$ASD6_WHOLE") of the whole asd 6.0 unsync"
+row "" "" "$(ratio "$UNSYNC" "$ASD5_UNSYNC") of asd 5.x unsync write-back"
