@@ -142,7 +142,15 @@ fn run_case(c: Case) {
     // the RAM copy; in overlay mode the original is the lower layer, never written while
     // mounted, and the changes are persisted beside it.
     if c.overlay {
-        let ch = &p.changes_state();
+        // The first persist made the state's base, a copy of the upper layer.
+        let state = p.changes_state();
+        let layers = asd::overlay::layers(&w.ns.inside(&state)).expect("layers");
+        assert_eq!(
+            layers.len(),
+            1,
+            "a first persist makes a base only: {layers:?}"
+        );
+        let ch = &state.join(layers[0].file_name().expect("base name"));
         assert_eq!(
             read(&w, &ch.join("new.txt")),
             "new\n",

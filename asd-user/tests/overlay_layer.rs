@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use asd::overlay::{apply, persist, remove_temp_entries, OverlayError};
+use asd::overlay::{apply, layers, persist, remove_temp_entries, OverlayError};
 
 const TEMP_PREFIX: &str = asd::copy::TEMP_PREFIX;
 
@@ -451,6 +451,17 @@ fn assert_clean(root: &Path) {
     }
 }
 
+/// The persisted state's only layer, its base, after a first persist: a copy of the upper layer.
+fn only_base(c: &Path) -> PathBuf {
+    let l = layers(c).expect("layers");
+    assert_eq!(l.len(), 1, "a first persist makes a base only: {l:?}");
+    l[0].clone()
+}
+
+fn is_whiteout(p: &Path) -> bool {
+    std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_char_device())
+}
+
 // ---------------------------------------------------------------------------------------------
 // Tests.
 
@@ -474,9 +485,10 @@ fn persist_then_apply_gives_the_merged_view() {
         before,
         "persist touched the lower tree"
     );
-    // `changes` mirrors the upper layer exactly, overlayfs' xattrs and whiteouts included.
-    assert_same(&upper, &ns.changes());
-    let c = ns.changes();
+    // The state's base mirrors the upper layer exactly, overlayfs' xattrs and whiteouts
+    // included.
+    let c = only_base(&ns.changes());
+    assert_same(&upper, &c);
     assert!(std::fs::symlink_metadata(c.join("delete.txt"))
         .expect("whiteout")
         .file_type()
@@ -517,13 +529,16 @@ fn second_persist_follows_the_upper_layer() {
     ns.sh("mount_ovl; ops1 \"$M\"; ops1 \"$E\"");
     // Persist while mounted, as the resync does.
     persist(&upper, &ns.changes()).expect("persist 1");
-    assert_same(&upper, &ns.changes());
+    assert_same(&upper, &only_base(&ns.changes()));
     ns.sh("ops2 \"$M\"; ops2 \"$E\"; rsync -aX \"$M\"/ \"$S\"/; umount \"$M\"");
     let stats = persist(&upper, &ns.changes()).expect("persist 2");
     assert!(stats.deleted > 0, "{stats:?}");
-    assert_same(&upper, &ns.changes());
-    assert!(!ns.changes().join("new.txt").exists());
-    assert!(!ns.changes().join("newdir/a").exists());
+    // The second persist adds a delta of what changed since the first, with whiteouts for the
+    // entries that left the upper layer; the state's view is checked by the apply below.
+    let l = layers(&ns.changes()).expect("layers");
+    assert_eq!(l.len(), 2, "{l:?}");
+    assert!(is_whiteout(&l[1].join("new.txt")));
+    assert!(is_whiteout(&l[1].join("newdir/a")));
     assert_eq!(
         listing(&ns.lower()),
         before,
@@ -580,24 +595,24 @@ fn unprivileged_owner_persists_and_applies() {
     );
     let c = ns.changes();
     assert_eq!(std::fs::metadata(&c).expect("changes").uid(), 65534);
-    assert!(std::fs::symlink_metadata(c.join("delete.txt"))
-        .expect("whiteout")
-        .file_type()
-        .is_char_device());
+    let base = only_base(&c);
+    assert!(is_whiteout(&base.join("delete.txt")));
     // The upper's whiteouts belong to root (overlayfs makes them with the mounter's
     // credentials); the copies are the owner's, otherwise the same.
-    let d = rsync(&["-rlptDXc"], &ns.inside(&ns.upper()), &c);
+    let d = rsync(&["-rlptDXc"], &ns.inside(&ns.upper()), &base);
     assert!(d.is_empty(), "upper and changes differ:\n{d}");
 
-    // A second round: persist now clones the persisted state and switches it.
+    // A second round: persist now adds a delta (whiteouts too, as the owner).
     ns.sh(
         "mount_ovl; as_owner bash -euo pipefail -c \"$(declare -f ops2); ops2 '$M'; ops2 '$E'\"; \
          rm -r \"$S\"; rsync -aX \"$M\"/ \"$S\"/; umount \"$M\"",
     );
     let out = run_ok(as_nobody(&ns, child("persist", &ns.upper(), &ns.changes())));
     assert!(out.contains("CHILD-OK"), "{out}");
-    let d = rsync(&["-rlptDXc"], &ns.inside(&ns.upper()), &c);
-    assert!(d.is_empty(), "upper and changes differ:\n{d}");
+    let l = layers(&c).expect("layers");
+    assert_eq!(l.len(), 2, "{l:?}");
+    assert_eq!(std::fs::metadata(&l[1]).expect("delta").uid(), 65534);
+    assert!(is_whiteout(&l[1].join("new.txt")));
     assert_eq!(
         listing(&ns.lower()),
         before,
@@ -797,10 +812,11 @@ fn apply_killed_midway_then_applied_again() {
     );
 }
 
-/// Crashes at many points of a persist (each time from the previous persisted state): `changes`
-/// is always the whole previous state or the whole new one, never a mix (a mix can delete data
-/// when applied: a whiteout without the file it was renamed to), and the next persist removes
-/// what the crash left.
+/// Crashes at many points of a persist (each time from the previous persisted state): the
+/// state always gives the whole previous view or the whole new one when applied, never a mix (a
+/// mix can delete data: a whiteout without the file it was renamed to), and the next persist
+/// removes what the crash left. Twice: a persist that adds a delta to a state, and a full
+/// rebuild (from a `changes` in the format before deltas, a copy of the upper layer).
 #[test]
 fn persist_killed_midway_leaves_the_old_or_the_new_state() {
     if skip_unless_root() {
@@ -808,51 +824,85 @@ fn persist_killed_midway_leaves_the_old_or_the_new_state() {
     }
     let ns = Ns::new();
     let upper = ns.inside(&ns.upper());
-    let (c, c0) = (ns.changes(), ns.home().join("c0"));
-    let leftover = ns
-        .home()
-        .join(format!("{TEMP_PREFIX}.t-backup_asd-changes"));
-    ns.sh("make_lower \"$L\"; mount_ovl; ops1 \"$M\"; umount \"$M\"");
+    let (c, c0, legacy) = (
+        ns.changes(),
+        ns.home().join("c0"),
+        ns.home().join("c0-legacy"),
+    );
+    let leftovers_at = [
+        ns.home()
+            .join(format!("{TEMP_PREFIX}.t-backup_asd-changes")),
+        ns.home()
+            .join(format!("{TEMP_PREFIX}.t-backup_asd-changes.delta")),
+    ];
+    ns.sh("make_lower \"$L\"; mount_ovl; ops1 \"$M\"; rsync -aX \"$M\"/ \"$S\"/; umount \"$M\"");
     persist(&upper, &c).expect("persist 1");
     restore(&c, &c0);
-    ns.sh("mount_ovl; ops2 \"$M\"; bulk_ops \"$M\"; rsync -aX \"$M\"/ \"$S\"/; umount \"$M\"");
-
-    let full = time_child(child("persist", &upper, &c));
-    assert_same(&upper, &c);
-    eprintln!("a whole persist took {full:?}");
-    let (mut old_states, mut new_states, mut leftovers) = (0, 0, 0);
-    for crash in crash_points(full) {
-        restore(&c0, &c);
-        let killed = crash_child(child("persist", &upper, &c), crash);
-        let is_old = rsync(&["-aX"], &c0, &c).is_empty();
-        let is_new = rsync(&["-aX"], &upper, &c).is_empty();
-        let left = leftover.exists();
-        eprintln!(
-            "after a crash {crash:?}: killed={killed} old={is_old} new={is_new} leftover={left}"
-        );
-        assert!(
-            is_old || is_new,
-            "after a crash {crash:?}, `changes` is a mix of two states"
-        );
-        assert!(
-            killed || is_new,
-            "a persist that finished left the old state"
-        );
-        old_states += usize::from(killed && is_old);
-        new_states += usize::from(killed && is_new);
-        leftovers += usize::from(left);
-    }
-    assert!(
-        old_states >= 5 && leftovers >= 5,
-        "only {old_states} crashes hit a persist midway; the test proves little"
+    restore(&upper, &legacy);
+    // The view before: what apply makes of the original with the first state.
+    let view = |state: &Path, name: &str| {
+        let at = ns.root.join(name);
+        restore(&ns.lower(), &at);
+        apply(state, &at).expect("apply");
+        at
+    };
+    let old = view(&c0, "view-old");
+    assert_same(&old, &ns.snapshot());
+    ns.sh(
+        "rm -r \"$S\"; mount_ovl; ops2 \"$M\"; bulk_ops \"$M\"; rsync -aX \"$M\"/ \"$S\"/; \
+         umount \"$M\"",
     );
-    // The state a crash left is completed by the next persist, which also removes the leftover.
-    persist(&upper, &c).expect("persist after a crash");
-    assert_same(&upper, &c);
-    assert!(!leftover.exists(), "leftover of the crash not removed");
+    for (start, what, least) in [(&c0, "delta", 2), (&legacy, "full rebuild", 5)] {
+        restore(start, &c);
+        let full = time_child(child("persist", &upper, &c));
+        assert_eq!(
+            layers(&c).expect("layers").len(),
+            if what == "delta" { 2 } else { 1 }
+        );
+        assert_same(&view(&c, "view-new"), &ns.snapshot());
+        eprintln!("{what}: a whole persist took {full:?}");
+        let (mut old_states, mut new_states, mut leftovers) = (0, 0, 0);
+        let mut points = crash_points(full);
+        points.push(Crash::AfterRenames(1));
+        for crash in points {
+            restore(start, &c);
+            let killed = crash_child(child("persist", &upper, &c), crash);
+            let got = view(&c, "view-got");
+            let is_old = rsync(&["-aX"], &old, &got).is_empty();
+            let is_new = rsync(&["-aX"], &ns.snapshot(), &got).is_empty();
+            let left = leftovers_at.iter().any(|p| p.exists());
+            eprintln!(
+                "{what}: after a crash {crash:?}: killed={killed} old={is_old} new={is_new} \
+                 leftover={left}"
+            );
+            assert!(
+                is_old || is_new,
+                "{what}: after a crash {crash:?}, the state gives a mix of two views"
+            );
+            assert!(
+                killed || is_new,
+                "{what}: a persist that finished left the old state"
+            );
+            old_states += usize::from(killed && is_old);
+            new_states += usize::from(killed && is_new);
+            leftovers += usize::from(left);
+        }
+        assert!(
+            old_states >= least && leftovers >= least,
+            "{what}: only {old_states} crashes hit a persist midway; the test proves little"
+        );
+        // The state a crash left is completed by the next persist, which also removes the
+        // leftover.
+        persist(&upper, &c).expect("persist after a crash");
+        assert_same(&view(&c, "view-new"), &ns.snapshot());
+        assert!(
+            leftovers_at.iter().all(|p| !p.exists()),
+            "{what}: leftover of the crash not removed"
+        );
+        eprintln!("{what}: {old_states} crashes left the old state, {new_states} the new one");
+    }
     apply(&c, &ns.lower()).expect("apply");
     assert_same(&ns.lower(), &ns.snapshot());
-    eprintln!("{old_states} crashes left the old state, {new_states} the new one");
 }
 
 /// Background writeback off for a power-cut simulation; restored on drop, even on failure.
@@ -927,8 +977,11 @@ fn power_cut_after_persist_and_after_apply_loses_nothing() {
     };
     {
         let _wb = Writeback::off();
-        // Persisted while mounted, as a resync does.
+        // Persisted while mounted, as resyncs do: a base, then a delta with more changes.
         persist(&upper, &c).expect("persist");
+        ns.sh("ops2 \"$M\" && rm -r \"$S\" && rsync -aX \"$M\"/ \"$S\"/");
+        persist(&upper, &c).expect("persist a delta");
+        assert_eq!(layers(&c).expect("layers").len(), 2);
         cut(&cut1);
         ns.sh("umount \"$M\"");
         apply(&c, &l).expect("apply");
@@ -953,14 +1006,22 @@ fn power_cut_after_persist_and_after_apply_loses_nothing() {
             at.display()
         ));
     }
-    // Compared inside the namespace: rsync cannot use a /proc/PID/root path as its destination,
-    // not even for a dry run.
+    // The first cut: the state it holds, applied to a copy of the original it holds, gives
+    // the merged view. Compared inside the namespace: rsync cannot use a /proc/PID/root path as
+    // its destination, not even for a dry run.
     let after1 = ns.root.join("after-cut1/.t-backup_asd-changes");
+    let view1 = ns.root.join("after-cut1-view");
+    ns.sh(&format!(
+        "cp -a '{}' '{}'",
+        ns.root.join("after-cut1/t").display(),
+        view1.display()
+    ));
+    apply(&ns.inside(&after1), &view1).expect("apply the state after the cut");
     let after2 = ns.root.join("after-cut2/t");
     let d = ns.sh(&format!(
-        "rsync -aXn --delete --itemize-changes \"$U\"/ '{}'/; \
+        "rsync -aXn --delete --itemize-changes '{}'/ \"$S\"/; \
          rsync -aXn --delete --itemize-changes '{}'/ \"$S\"/",
-        after1.display(),
+        view1.display(),
         after2.display()
     ));
     assert!(d.is_empty(), "lost in a power cut:\n{d}");

@@ -1,312 +1,28 @@
-//! Overlay mode's data path (DESIGN.md §7): persisting the upper layer's changes beside the target
-//! and applying them to the original directory.
-//!
-//! # The format of `changes`
-//!
-//! `changes` (`/p/.name-backup_asd-changes`) is a copy of the overlay's upper layer, in the upper
-//! layer's own format (so an upper layer can be passed to [`apply`] directly):
-//!
-//! - regular files, symlinks and fifos: new or modified entries (whole files: overlayfs copies a
-//!   file up completely before its first change), with mode, owner (where permitted), times (ns)
-//!   and user xattrs;
-//! - directories: created or copied up; `user.overlay.opaque = "y"` marks one that replaced the
-//!   lower directory of that name (deleted and created again), whose lower content is gone;
-//!   `"x"` marks a merged directory that contains xattr whiteouts;
-//! - whiteouts: a character device 0:0 (what the kernel creates), or a zero-size regular file
-//!   carrying `user.overlay.whiteout`: the lower entry of that name was deleted;
-//! - other `user.overlay.*` xattrs (origin, impure, uuid, ...) are overlayfs bookkeeping, kept in
-//!   `changes` as they are, never written to the original;
-//! - names starting with [`TEMP_PREFIX`] are ignored (persist never leaves any in `changes`).
-//!
-//! The user's own xattrs named `user.overlay.*` (stored escaped by overlayfs, as
-//! `user.overlay.overlay.*`) are not written back either: to the original they would be
-//! overlayfs metadata the next time it is mounted as a lower layer.
-//!
-//! # Persist ([`persist`])
-//!
-//! The entries of an upper layer depend on each other: `mv a b` gives a new `b` and a whiteout
-//! `a`; `mv d/x y; rm -r d; mkdir d` gives a new `y` and an opaque `d`. A persisted state where
-//! the whiteout or the opaque marker made it but the new entry did not would delete data when
-//! applied, so "every entry old or new" is not enough: `changes` switches from the previous
-//! state to the new one as a whole.
-//!
-//! 1. Remove `<parent>/<TEMP_PREFIX><name>` if an interrupted persist left it.
-//! 2. Build the new state there: [`crate::copy::hardlink_clone`] of the current `changes`
-//!    (links, no data copied), then [`crate::copy::sync_tree`] from the upper layer with
-//!    `delete` and `durable`. The copy engine walks only the upper layer and the clone (never
-//!    the lower), copies whiteouts (it `mknod`s the 0:0 character device, which an unprivileged
-//!    user may do since Linux 5.8) and every `user.*` xattr, `user.overlay.*` included, never
-//!    writes into an inode with other links (it writes a new file and renames it), and syncs
-//!    before it returns. So the current `changes` is never modified. (The engine skips device
-//!    nodes it may not create, which for a whiteout would silently drop a deletion: persist
-//!    first checks that this user may create whiteouts there.)
-//! 3. `RENAME_EXCHANGE` the new state with `changes`, atomically, and fsync the parent.
-//! 4. Remove the previous state, now under the temporary name.
-//!
-//! A crash before step 3 leaves the previous state, after it the new one. The cost grows with
-//! the number of entries in the upper layer (one link per file, plus the data of what changed).
-//! # Apply ([`apply`])
-//!
-//! Applies `changes` to the original directory, never reading more of the original than the
-//! names that `changes` mentions. Phases, like the copy engine's durable mode:
-//!
-//! 1. Walk `changes`. Every file, symlink or fifo is written completely (data, user xattrs,
-//!    owner, mode, then times) under a temporary name in its destination directory. A directory
-//!    that is new, replaces a non-directory or is opaque is built completely under a temporary name
-//!    (its content directly under final names inside it). A plain directory present in both is
-//!    merged: the walk descends into it. Whiteouts are noted. Nothing under a final name changes.
-//! 2. `syncfs`: all new content is durable before any of it is renamed into place.
-//! 3. Rename the temporaries over their final names (atomic; `RENAME_EXCHANGE` where a directory
-//!    is involved, so the name never disappears; the old entry ends up under a temporary name).
-//! 4. `syncfs`, then delete what whiteouts name and the old entries moved aside in step 3.
-//! 5. Set the metadata of merged directories bottom-up (after renames and deletions in them,
-//!    which change their mtime), then `syncfs` before returning.
-//!
-//! `changes` is only read, so a crash loses nothing of it. After a crash every name of the
-//! original holds its old or its new version, and leftovers carry temporary names
-//! ([`remove_temp_entries`] removes them, files and directories). Applying again after a crash
-//! gives the right result: every entry of `changes` is written again (no quick check, so no torn
-//! file can pass for a good one), whiteouts of already deleted names do nothing, opaque
-//! directories are rebuilt from scratch.
-//!
-//! The original's root directory keeps xattrs that `changes` lacks: the upper layer's root is
-//! made by asd (with the original's mode and owner), not copied up, so it never had them.
+//! [`apply`]: writes a persisted state (or an upper layer) into the original directory; the order
+//! of operations and why a crash at any point is harmless are in the module documentation of
+//! [`crate::overlay`].
 
 use std::ffi::{CStr, CString, OsStr};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use rustix::fs::{self as rfs, AtFlags, FileType, Mode, OFlags, RenameFlags, XattrFlags};
+use rustix::fs::{self as rfs, AtFlags, FileType, Mode, RenameFlags, XattrFlags};
 use rustix::io::Errno;
 use tracing::{debug, warn};
 
-use crate::copy::{self, CopyError, CopyOptions, CopyStats, TEMP_PREFIX};
+use crate::copy::CopyStats;
 use crate::fsio::{
     chmod_nofollow, copy_data, crash_point, fstat, is_temp_name, is_user_xattr, list_dir, lstat_at,
     mode, open_dir_at, read_xattrs, remove_entry, remove_tree, wanted_xattr, Ids, Meta, XRef,
     Xattrs, DIR_FLAGS, FILE_FLAGS, MAX_KEPT_DIRS,
 };
 
-#[derive(Debug, thiserror::Error)]
-pub enum OverlayError {
-    #[error("{op} {path}: {source}")]
-    Io {
-        op: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error(transparent)]
-    Copy(#[from] CopyError),
-    #[error(
-        "{path}: this user may not create whiteouts (character device 0:0, allowed since Linux \
-         5.8; a device policy or seccomp filter may forbid it), so deletions made in the overlay \
-         cannot be persisted; set USE_OVERLAYFS=no"
-    )]
-    NoWhiteouts { path: PathBuf },
-    /// Kept for callers matching on it; no longer returned.
-    #[error("overlay mode is not available in this build yet; set USE_OVERLAYFS=no")]
-    Unsupported,
-}
-
-fn oerr(op: &'static str, path: PathBuf, e: impl Into<std::io::Error>) -> OverlayError {
-    OverlayError::Io {
-        op,
-        path,
-        source: e.into(),
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Persist.
-
-/// Persists the changes recorded in `upper` into `changes` on disk, durably and atomically as a
-/// whole: after a crash at any point, `changes` is the complete previous or the complete new
-/// state (see the module documentation). `changes` is created if missing; its parent directory
-/// must be writable. Cost grows with the size of `upper` only.
-pub fn persist(upper: &Path, changes: &Path) -> Result<CopyStats, OverlayError> {
-    let invalid = |what: &str| {
-        oerr(
-            "persist",
-            changes.to_path_buf(),
-            std::io::Error::new(std::io::ErrorKind::InvalidInput, what.to_string()),
-        )
-    };
-    let (Some(parent), Some(name)) = (changes.parent(), changes.file_name()) else {
-        return Err(invalid("not a path to a directory"));
-    };
-    let parent = if parent.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        parent
-    };
-    let name = CString::new(name.as_bytes()).map_err(|_| invalid("NUL in the path"))?;
-    let next_name = CString::new([TEMP_PREFIX.as_bytes(), name.as_bytes()].concat())
-        .map_err(|_| invalid("NUL in the path"))?;
-    let next = join(parent, &next_name);
-    let pfd = rfs::open(parent, DIR_FLAGS, Mode::empty())
-        .map_err(|e| oerr("open", parent.to_path_buf(), e))?;
-    // A next state left by an interrupted persist was never switched in: start afresh.
-    remove_tree(pfd.as_fd(), &next_name, &mut Vec::new())
-        .map_err(|e| oerr("remove", next.clone(), e))?;
-    let exists = match lstat_at(pfd.as_fd(), &name) {
-        Ok(m) if m.kind == FileType::Directory => true,
-        // Never follow a symlink planted at `changes`.
-        Ok(_) => return Err(invalid("exists and is not a directory")),
-        Err(Errno::NOENT) => false,
-        Err(e) => return Err(oerr("lstat", changes.to_path_buf(), e)),
-    };
-    let built = build_next(upper, changes, &next, exists);
-    let switched = built.and_then(|stats| {
-        switch_in(pfd.as_fd(), &next_name, &name, exists, changes)?;
-        Ok(stats)
-    });
-    let stats = match switched {
-        Ok(stats) => stats,
-        Err(e) => {
-            // `changes` is untouched; what was built is not needed.
-            let _ = remove_tree(pfd.as_fd(), &next_name, &mut Vec::new());
-            return Err(e);
-        }
-    };
-    // The previous state, now under the temporary name. A failure here costs disk space until
-    // the next persist removes it.
-    if exists {
-        if let Err(e) = remove_tree(pfd.as_fd(), &next_name, &mut Vec::new()) {
-            warn!("{}", oerr("remove", next, e));
-        }
-    }
-    debug!(
-        ?upper,
-        ?changes,
-        ?stats,
-        "persisted the overlay's upper layer"
-    );
-    Ok(stats)
-}
-
-/// Builds the new state at `next`: a hard-linked clone of the current `changes` (cheap: links,
-/// no data), brought up to date with the upper layer by the copy engine, which replaces a
-/// changed file with a new inode rather than writing into it, so the current state's files
-/// are never modified. Durable when it returns.
-fn build_next(
-    upper: &Path,
-    changes: &Path,
-    next: &Path,
-    exists: bool,
-) -> Result<CopyStats, OverlayError> {
-    if exists {
-        copy::hardlink_clone(changes, next)?;
-    } else {
-        rfs::mkdir(next, mode(0o700)).map_err(|e| oerr("mkdir", next.to_path_buf(), e))?;
-    }
-    let dir = rfs::open(next, DIR_FLAGS, Mode::empty())
-        .map_err(|e| oerr("open", next.to_path_buf(), e))?;
-    check_whiteouts(dir.as_fd(), next)?;
-    drop(dir);
-    let opts = CopyOptions {
-        delete: true,
-        durable: true,
-        ..Default::default()
-    };
-    Ok(copy::sync_tree(upper, next, &opts)?)
-}
-
-/// Puts the new state `next_name` in place as `name` in one atomic step (the current one, if
-/// any, ends up under `next_name`), and makes the switch durable.
-fn switch_in(
-    parent: BorrowedFd<'_>,
-    next_name: &CStr,
-    name: &CStr,
-    exists: bool,
-    changes: &Path,
-) -> Result<(), OverlayError> {
-    let flags = if exists {
-        RenameFlags::EXCHANGE
-    } else {
-        RenameFlags::NOREPLACE
-    };
-    match rfs::renameat_with(parent, next_name, parent, name, flags) {
-        Ok(()) => {}
-        // Two renames instead would leave a moment without `changes`: refuse instead. Every
-        // local Linux filesystem has RENAME_EXCHANGE.
-        Err(e @ (Errno::INVAL | Errno::NOSYS | Errno::OPNOTSUPP)) => {
-            return Err(oerr(
-                "exchange (RENAME_EXCHANGE, needed by overlay mode)",
-                changes.to_path_buf(),
-                e,
-            ))
-        }
-        Err(e) => return Err(oerr("rename", changes.to_path_buf(), e)),
-    }
-    rfs::fsync(parent).map_err(|e| oerr("fsync", changes.to_path_buf(), e))
-}
-
-/// Creates and removes a whiteout in `dir`: the copy engine skips device nodes it may not
-/// create, which for a whiteout would silently drop a deletion.
-fn check_whiteouts(dir: BorrowedFd<'_>, path: &Path) -> Result<(), OverlayError> {
-    if rustix::process::geteuid().is_root() {
-        return Ok(());
-    }
-    let name = temp_name(&mut 0);
-    let made = rfs::mknodat(dir, &name, FileType::CharacterDevice, Mode::empty(), 0);
-    match made {
-        Ok(()) => {
-            rfs::unlinkat(dir, &name, AtFlags::empty())
-                .map_err(|e| oerr("remove", join(path, &name), e))?;
-            Ok(())
-        }
-        Err(Errno::PERM) => Err(OverlayError::NoWhiteouts {
-            path: path.to_path_buf(),
-        }),
-        Err(e) => Err(oerr("mknod", join(path, &name), e)),
-    }
-}
-
-/// Removes leftovers of an interrupted [`apply`] (or copy) below `root`: every file or directory
-/// whose name starts with [`TEMP_PREFIX`]. They are either new content not yet renamed into
-/// place (still in `changes`, so apply again afterwards) or old content moved aside to be
-/// deleted. Returns the number of entries removed (a directory counts once).
-pub fn remove_temp_entries(root: &Path) -> Result<u64, OverlayError> {
-    Ok(copy::remove_temp_files(root)?)
-}
-
-// ---------------------------------------------------------------------------------------------
-// Small helpers.
-
-const NEW_FILE_FLAGS: OFlags = OFlags::WRONLY
-    .union(OFlags::CREATE)
-    .union(OFlags::EXCL)
-    .union(OFlags::NOFOLLOW)
-    .union(OFlags::CLOEXEC);
-
-const OVL_PREFIX: &[u8] = b"user.overlay.";
-const OVL_OPAQUE: &[u8] = b"user.overlay.opaque";
-const OVL_WHITEOUT: &[u8] = b"user.overlay.whiteout";
-const OVL_METACOPY: &[u8] = b"user.overlay.metacopy";
-const OVL_REDIRECT: &[u8] = b"user.overlay.redirect";
-
-fn join(base: &Path, name: &CStr) -> PathBuf {
-    base.join(OsStr::from_bytes(name.to_bytes()))
-}
-
-fn join_opt(base: PathBuf, name: Option<&CStr>) -> PathBuf {
-    match name {
-        Some(n) => join(&base, n),
-        None => base,
-    }
-}
-
-fn temp_name(seq: &mut u64) -> CString {
-    *seq += 1;
-    let s = format!("{TEMP_PREFIX}{}.o{}", std::process::id(), seq);
-    // Digits and a NUL-free constant.
-    CString::new(s).unwrap_or_else(|_| c".#asd-tmp.o".to_owned())
-}
-
-// ---------------------------------------------------------------------------------------------
-// Extended attributes.
+use super::state::{self, Layers};
+use super::{
+    add_stats, is_opaque, join_opt, oerr, temp_name, xattr_value, OverlayError, NEW_FILE_FLAGS,
+    OVL_METACOPY, OVL_PREFIX, OVL_REDIRECT, OVL_WHITEOUT,
+};
 
 /// The xattrs apply writes to the original: those the copy engine copies ([`wanted_xattr`]: user
 /// ones and POSIX ACLs) but never `user.overlay.*`. Deliberately narrower than what is read from
@@ -315,12 +31,6 @@ fn temp_name(seq: &mut u64) -> CString {
 /// time it is mounted as a lower layer.
 fn applied_xattr(name: &[u8]) -> bool {
     wanted_xattr(name) && !name.starts_with(OVL_PREFIX)
-}
-
-fn xattr_value<'x>(xs: &'x Xattrs, name: &[u8]) -> Option<&'x [u8]> {
-    xs.iter()
-        .find(|(n, _)| n.to_bytes() == name)
-        .map(|(_, v)| v.as_slice())
 }
 
 /// Makes the applied xattrs ([`applied_xattr`]) of `fd` equal to the applied ones of `want`;
@@ -356,14 +66,54 @@ fn sync_xattrs(fd: BorrowedFd<'_>, want: &Xattrs, additive: bool) -> rustix::io:
     Ok(())
 }
 
-// ---------------------------------------------------------------------------------------------
-// Apply.
-
-/// Applies persisted changes (or an upper layer) onto `dst`, the original directory, with the
-/// overlay unmounted. Idempotent; durable before it returns. See the module documentation for
-/// the order of operations. Errors on single entries do not stop the others; the first one is
-/// returned at the end.
+/// Applies persisted changes (a state written by [`crate::overlay::persist`], a `changes`
+/// directory in the format before deltas, or an upper layer) onto `dst`, the original
+/// directory, with the overlay unmounted. A state's layers are applied in order, base first.
+/// Idempotent; durable before it returns. See the module documentation for the order of
+/// operations. Errors on single entries do not stop the others in their layer; the first one is
+/// returned at the end of that layer, and later layers are not applied.
 pub fn apply(changes: &Path, dst: &Path) -> Result<CopyStats, OverlayError> {
+    let layers = match state::read_layers(changes)? {
+        Layers::Single => vec![changes.to_path_buf()],
+        Layers::State(s) => s.layer_paths(changes),
+    };
+    // One count of renames and deletions over all layers, so that the crash test hook can stop
+    // any step of the whole apply.
+    let mut crash = CrashHook {
+        at: crash_point(),
+        done: 0,
+    };
+    let mut total = CopyStats::default();
+    for layer in &layers {
+        // A layer that did not apply completely stops the apply (the error is returned, the
+        // state kept for another attempt): later layers were made relative to its whole result.
+        let stats = apply_layer(layer, dst, &mut crash)?;
+        add_stats(&mut total, &stats);
+    }
+    Ok(total)
+}
+
+/// The test hook's position ([`crash_point`]), shared by the layers of one apply.
+struct CrashHook {
+    at: Option<usize>,
+    done: usize,
+}
+
+impl CrashHook {
+    fn check(&mut self) {
+        if self.at == Some(self.done) {
+            std::process::abort();
+        }
+        self.done += 1;
+    }
+}
+
+/// Applies one upper layer onto `dst`.
+fn apply_layer(
+    changes: &Path,
+    dst: &Path,
+    crash: &mut CrashHook,
+) -> Result<CopyStats, OverlayError> {
     let c = rfs::open(changes, DIR_FLAGS, Mode::empty())
         .map_err(|e| oerr("open", changes.to_path_buf(), e))?;
     let d =
@@ -402,7 +152,7 @@ pub fn apply(changes: &Path, dst: &Path) -> Result<CopyStats, OverlayError> {
     };
     a.note_device(dm.dev, d.as_fd());
     a.walk_root(c.as_fd(), d.as_fd(), &cm);
-    a.finish(d.as_fd())
+    a.finish(d.as_fd(), crash)
 }
 
 /// A visible (merged) destination directory that later phases work in.
@@ -1009,7 +759,11 @@ impl Applier<'_> {
         Ok(())
     }
 
-    fn finish(mut self, root: BorrowedFd<'_>) -> Result<CopyStats, OverlayError> {
+    fn finish(
+        mut self,
+        root: BorrowedFd<'_>,
+        crash: &mut CrashHook,
+    ) -> Result<CopyStats, OverlayError> {
         let mut dirs = std::mem::take(&mut self.dirs);
         let dst_root = self.dst_root;
         let path = |dirs: &[Slot], i: usize, name: Option<&CStr>| {
@@ -1033,10 +787,8 @@ impl Applier<'_> {
             }
         }
         // Phase 3: renames.
-        let crash_at = crash_point();
-        let mut done = 0;
         for r in &renames {
-            crash_check(crash_at, &mut done);
+            crash.check();
             let dir = match slot_fd(root, &mut dirs, r.slot) {
                 Ok(d) => d,
                 Err(e) => {
@@ -1060,7 +812,7 @@ impl Applier<'_> {
             self.syncfs_all()?;
         }
         for (i, name) in &deletions {
-            crash_check(crash_at, &mut done);
+            crash.check();
             let dir = match slot_fd(root, &mut dirs, *i) {
                 Ok(d) => d,
                 Err(e) => {
@@ -1115,18 +867,6 @@ impl Applier<'_> {
             }
         }
     }
-}
-
-fn crash_check(crash_at: Option<usize>, done: &mut usize) {
-    if crash_at == Some(*done) {
-        std::process::abort();
-    }
-    *done += 1;
-}
-
-fn is_opaque(xattrs: &Xattrs) -> bool {
-    // "y": opaque. "x": merged, but holds xattr whiteouts (handled per entry).
-    xattr_value(xattrs, OVL_OPAQUE) == Some(b"y")
 }
 
 /// The descriptor of slot `i`: kept from the walk, or reopened one component at a time from the
