@@ -8,6 +8,7 @@ use std::time::Duration;
 use crate::config::{self, Config, Expand};
 use crate::copy::CopyStats;
 use crate::holders;
+use crate::journals::Journals;
 use crate::mount::{MountError, Mounter};
 use crate::nsops;
 use crate::owner::{self, Job, Output};
@@ -112,6 +113,8 @@ pub struct Engine<'a> {
     pub mounter: &'a dyn Mounter,
     pub config_file: PathBuf,
     pub expand: Expand,
+    /// The daemon's change journals (None for one-off commands, which compare by ctime).
+    pub journals: Option<Journals>,
 }
 
 #[derive(Debug, Default, serde::Serialize)]
@@ -389,6 +392,7 @@ impl Engine<'_> {
                         delete: true,
                         durable: false,
                         since: None,
+                        marks: None,
                     },
                     None,
                 )
@@ -451,11 +455,40 @@ impl Engine<'_> {
     /// directory: its backup mount while covered, the target path itself once uncovered.
     /// `since`: compare only what changed after that time; `None` compares everything (which
     /// also repairs any change made to the disk side behind our back).
+    ///
+    /// A daemon with a ready change journal for `t` looks only at what it marked, unless
+    /// `since` is `None` (see [`crate::journals`]).
     fn write_back(
         &self,
         t: &TargetState,
         dst: &Path,
         since: Option<crate::copy::Timestamp>,
+    ) -> Result<CopyStats, EngineError> {
+        let marks = self
+            .journals
+            .as_ref()
+            .and_then(|j| j.before_write_back(t))
+            .filter(|_| since.is_some());
+        if let Some(m) = &marks {
+            tracing::debug!(
+                "{}: writing back what the change journal marked ({} entries)",
+                t.paths.target.display(),
+                m.len()
+            );
+        }
+        let result = self.write_back_with(t, dst, since, marks);
+        if let Some(j) = &self.journals {
+            j.after_write_back(t, result.is_ok());
+        }
+        result
+    }
+
+    fn write_back_with(
+        &self,
+        t: &TargetState,
+        dst: &Path,
+        since: Option<crate::copy::Timestamp>,
+        marks: Option<crate::journal::DirtyTree>,
     ) -> Result<CopyStats, EngineError> {
         let p = &t.paths;
         let job = match t.mode {
@@ -465,6 +498,7 @@ impl Engine<'_> {
                 delete: true,
                 durable: true,
                 since,
+                marks,
             },
             Mode::Overlay => Job::Persist {
                 upper: p.upper.clone(),
@@ -636,6 +670,9 @@ impl Engine<'_> {
             .map_err(|e| target_err(&p.target, e))?;
         } else {
             self.mounter.release(t).map_err(te)?;
+        }
+        if let Some(j) = &self.journals {
+            j.forget(t);
         }
         recover::cleanup(t).map_err(|e| target_err(&p.target, e))?;
         tracing::info!("{} is back on disk", p.target.display());

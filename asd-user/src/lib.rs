@@ -9,6 +9,7 @@ pub mod engine;
 pub(crate) mod fsio;
 pub mod holders;
 pub mod journal;
+pub mod journals;
 pub mod mount;
 pub mod mountinfo;
 pub mod nsops;

@@ -118,6 +118,7 @@ fn run(cli: Cli) -> Result<()> {
                 mounter: &m,
                 config_file,
                 expand,
+                journals: None,
             };
             engine.clean()?;
             return Ok(());
@@ -130,6 +131,8 @@ fn run(cli: Cli) -> Result<()> {
         mounter: m.as_ref(),
         config_file,
         expand,
+        // Only the long-running daemon keeps change journals (see `journals`).
+        journals: matches!(cli.command, Command::Daemon).then(asd::journals::Journals::new),
     };
     match cli.command {
         Command::Sync => {

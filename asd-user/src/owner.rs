@@ -32,6 +32,10 @@ pub enum Job {
         /// are compared (see `CopyOptions::changed_since`). `None`: full comparison.
         #[serde(default)]
         since: Option<Timestamp>,
+        /// A change journal's marks since the destination equalled the source: only they are
+        /// looked at (see `copy::sync_tree_journaled`); `since` is then ignored.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        marks: Option<crate::journal::DirtyTree>,
     },
     /// Give `dst` (a directory) the mode, times and user xattrs of `src`: the overlay's upper
     /// root decides what the merged root looks like.
@@ -269,17 +273,20 @@ fn execute(job: &Job, fd: Option<OwnedFd>) -> Result<Output, String> {
             delete,
             durable,
             since,
-        } => copy::sync_tree(
-            src,
-            dst,
-            &CopyOptions {
+            marks,
+        } => {
+            let opts = CopyOptions {
                 delete: *delete,
                 durable: *durable,
                 changed_since: *since,
-            },
-        )
-        .map(Output::Stats)
-        .map_err(|x| e(&x)),
+            };
+            match marks {
+                Some(m) => copy::sync_tree_journaled(src, dst, &opts, m),
+                None => copy::sync_tree(src, dst, &opts),
+            }
+            .map(Output::Stats)
+            .map_err(|x| e(&x))
+        }
         Job::MatchDirMeta { src, dst } => match_dir_meta(src, dst).map(|_| Output::Done),
         Job::Clone { src, dst } => copy::hardlink_clone(src, dst)
             .map(Output::Stats)

@@ -211,6 +211,7 @@ pub fn recover(
                 delete: true,
                 durable: true,
                 since: None,
+                marks: None,
             },
             None,
         )?;

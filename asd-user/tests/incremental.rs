@@ -219,3 +219,119 @@ fn a_full_comparison_runs_once_a_day() {
     }
     ns.asd_ok(&["unsync"]);
 }
+
+/// The daemon keeps a change journal of each target in copy mode; its resyncs (here asked for
+/// with SIGUSR1) then look only at what the journal marked. Rounds of random changes: after
+/// each resync the disk equals RAM, and after the stop (SIGTERM) the disk holds what the target
+/// showed.
+#[test]
+fn the_daemons_journaled_resyncs_miss_no_change() {
+    if !require_root() {
+        return;
+    }
+    assert!(
+        have("rsync") && have("setfattr") && have("python3"),
+        "rsync, attr and python3 are needed: run the README test command"
+    );
+    let seed = seed();
+    let ns = Ns::new();
+    let target = ns.data().join("t");
+    let expected = ns.data().join("expected");
+    make_tree(&ns, &target);
+    ns.write_conf(&[&target], "RESYNC_INTERVAL=1h");
+    let log = ns.root.join("daemon.log");
+    let mut daemon = KillOnDrop(
+        ns.asd_cmd(&["daemon"])
+            .env("ASD_LOG", "debug")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log"))
+            .spawn()
+            .expect("daemon"),
+    );
+    let p = asd::paths::TargetPaths::new(&target, "root", &ns.vol()).expect("paths");
+    let wait_for = |what: &dyn Fn() -> bool, msg: &str| {
+        for _ in 0..300 {
+            if what() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        panic!("timed out waiting: {msg}\n{text}");
+    };
+    wait_for(
+        &|| ns.run_dir().join("state.json").exists() && ns.statfs_type(&target) == "tmpfs",
+        "the daemon syncs",
+    );
+    let journaled = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("what the change journal marked")
+            .count()
+    };
+    for round in 0..6u64 {
+        random_changes(&ns, &target, seed.wrapping_add(1000 + round), 30);
+        let before = journaled();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(daemon.0.id() as i32),
+            nix::sys::signal::Signal::SIGUSR1,
+        )
+        .expect("SIGUSR1");
+        // Compared while the resync may still run: a file vanishing under rsync is no answer.
+        let equal = || {
+            ns.cmd("rsync")
+                .args(["-aXn", "--delete", "--itemize-changes"])
+                .arg(format!("{}/", p.volatile.display()))
+                .arg(format!("{}/", p.backup.display()))
+                .output()
+                .is_ok_and(|o| o.status.success() && o.stdout.is_empty())
+        };
+        wait_for(
+            &equal,
+            &format!("round {round} (seed {seed}): the resync makes the disk equal to RAM"),
+        );
+        // The first resync after the start compares by ctime and readies the journal.
+        if round >= 1 {
+            wait_for(
+                &|| journaled() > before,
+                &format!("round {round}: the resync used the change journal"),
+            );
+        }
+    }
+    random_changes(&ns, &target, seed.wrapping_add(2000), 30);
+    ns.sh_ok(&format!(
+        "rsync -aX '{}/' '{}/'",
+        target.display(),
+        expected.display()
+    ));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon.0.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    let status = daemon.0.wait().expect("daemon");
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(status.success(), "the daemon stops cleanly: {text}");
+    assert_eq!(
+        ns.our_mounts(),
+        Vec::<String>::new(),
+        "nothing left mounted"
+    );
+    assert_eq!(
+        ns.tree_diff(&target, &expected),
+        "",
+        "seed {seed}: the disk holds what the target showed before the stop"
+    );
+}
+
+/// A daemon that does not outlive a failed test.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}

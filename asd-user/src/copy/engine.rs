@@ -14,6 +14,8 @@ use tracing::{debug, warn};
 
 use crate::fsio::{fstat, lstat_at, mode, Meta, DIR_FLAGS, MAX_KEPT_DIRS};
 
+use crate::journal::{DirtyTree, Node};
+
 use super::durable::{DeferredDir, DirJob, RenameJob};
 use super::file::{Copied, FileCopier};
 use super::helpers::{is_below, join_rel, open_root};
@@ -56,6 +58,9 @@ pub(super) struct DirCtx<'f> {
     pub(super) job_dir: OnceCell<Option<Arc<JobDir>>>,
     /// Files here were handed to the copy threads: the metadata waits until they finished.
     pub(super) pooled: Cell<bool>,
+    /// A journaled run: the journal's node of this directory. Only the names it marks are
+    /// looked at. None: everything is (no journal, or a subtree the journal marked whole).
+    pub(super) node: Option<&'f Node>,
 }
 
 impl<'f> DirCtx<'f> {
@@ -77,6 +82,7 @@ impl<'f> DirCtx<'f> {
             touched: Cell::new(false),
             job_dir: OnceCell::new(),
             pooled: Cell::new(false),
+            node: None,
         }
     }
 
@@ -121,6 +127,8 @@ pub(super) struct Engine<'a> {
     pool_off: bool,
     pub(super) dirbuf: Vec<u8>,
     pub(super) hook: Option<&'a mut dyn FnMut(&Path)>,
+    /// Only what this journal marked is compared (see [`super::sync_tree_journaled`]).
+    pub(super) journal: Option<&'a DirtyTree>,
     /// `CopyOptions::changed_since` minus the margin, unless ignored: source entries with an
     /// older ctime are unchanged.
     pub(super) cutoff: Option<Timestamp>,
@@ -163,6 +171,7 @@ impl<'a> Engine<'a> {
             pool_off,
             dirbuf: Vec::new(),
             hook,
+            journal: None,
             cutoff: None,
             margin: CTIME_MARGIN_MS,
         }
@@ -198,7 +207,9 @@ impl<'a> Engine<'a> {
         if self.opts.durable {
             self.note_device(dm.dev, dst.as_fd());
         }
-        self.cutoff = self.opts.changed_since.and_then(|since| {
+        // With a journal its marks decide, and what they mark is compared in full.
+        let since = self.opts.changed_since.filter(|_| self.journal.is_none());
+        self.cutoff = since.and_then(|since| {
             let since = since.normalized();
             let now = Timestamp::now();
             if now < since {
@@ -219,7 +230,12 @@ impl<'a> Engine<'a> {
         // Only for a full comparison: an incremental one looks at few destination entries.
         // Into RAM (not durable) the source is the disk side whose metadata is cold; the other
         // way round the destination is.
-        let prefetch = match (self.cutoff, self.parallel, self.opts.durable) {
+        // A journaled run looks at few entries: no prefetch of whole trees.
+        let prefetch = match (
+            self.cutoff,
+            self.parallel && self.journal.is_none(),
+            self.opts.durable,
+        ) {
             (None, true, true) => Prefetch::start(dst.as_fd(), PREFETCH_THREADS),
             (None, true, false) => Prefetch::start(src.as_fd(), PREFETCH_THREADS),
             _ => None,
@@ -230,7 +246,10 @@ impl<'a> Engine<'a> {
             _ => None,
         };
         let dst = OnceCell::from(dst);
-        let root = DirCtx::new(src.as_fd(), &dst, None, false, self.changed(&sm));
+        let node = self.journal.map(|j| j.root());
+        let changed = self.dir_changed(node, &sm);
+        let mut root = DirCtx::new(src.as_fd(), &dst, None, false, changed);
+        root.node = node.filter(|n| !n.whole());
         self.sync_dir(&root);
         if let Some(p) = prefetch {
             p.stop();
@@ -271,6 +290,15 @@ impl<'a> Engine<'a> {
                 Err(e)
             }
             None => Ok(self.stats),
+        }
+    }
+
+    /// Whether a directory's listing and metadata are to be compared: what its journal node
+    /// says, or (no node, or one marked whole) whether it changed since the cutoff.
+    pub(super) fn dir_changed(&self, node: Option<&Node>, sm: &Meta) -> bool {
+        match node {
+            Some(n) if !n.whole() => n.listing() || n.entry(),
+            _ => self.changed(sm),
         }
     }
 

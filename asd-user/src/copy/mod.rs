@@ -69,6 +69,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::journal::DirtyTree;
 use engine::Engine;
 
 pub use clone::hardlink_clone;
@@ -205,6 +206,22 @@ fn cerr(op: &'static str, path: PathBuf, e: impl Into<std::io::Error>) -> CopyEr
 /// Make `dst` (an existing directory) equal to `src`.
 pub fn sync_tree(src: &Path, dst: &Path, opts: &CopyOptions) -> Result<CopyStats, CopyError> {
     Engine::new(src, dst, opts, None).run()
+}
+
+/// [`sync_tree`] of a pair that was equal when `changes` (a change journal's period, see
+/// [`crate::journal`]) began: only what the journal marked is looked at. Directories without a
+/// mark are neither listed nor walked, entries without one neither probed nor compared; a
+/// marked entry is compared in full (no ctime shortcut), a directory marked `listing` has its
+/// listings compared, one marked `whole` its whole subtree. `opts.changed_since` is ignored.
+pub fn sync_tree_journaled(
+    src: &Path,
+    dst: &Path,
+    opts: &CopyOptions,
+    changes: &DirtyTree,
+) -> Result<CopyStats, CopyError> {
+    let mut engine = Engine::new(src, dst, opts, None);
+    engine.journal = Some(changes);
+    engine.run()
 }
 
 /// [`sync_tree`] with a hook called with the source path of every entry just before it is

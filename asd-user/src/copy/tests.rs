@@ -735,3 +735,65 @@ fn tree_size_matches_du() {
         _ => eprintln!("du not available"),
     }
 }
+
+/// A journaled sync (`sync_tree_journaled`) writes back every kind of change the journal saw,
+/// and looks nowhere else: a change made to the destination in a directory the journal did not
+/// mark stays as it is (which a full comparison would repair).
+#[test]
+fn journaled_sync_writes_what_the_journal_marked_and_nothing_else() {
+    use crate::journal::{ChangeJournal, Changes};
+    let t = tempfile::tempdir().unwrap();
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    fs::create_dir(&src).unwrap();
+    fs::create_dir(&dst).unwrap();
+    make_tree(&src);
+    sync_tree(&src, &dst, &durable()).unwrap();
+    let journal = ChangeJournal::start(&src, 10_000).unwrap();
+    for round in 0..3 {
+        match round {
+            0 => {
+                write(&src.join("small"), b"HELLO\n");
+                write(&src.join("a/b/c/deep"), b"deeper and deeper");
+                chmod(&src.join("a/exec"), 0o700);
+                fs::remove_file(src.join("name with spaces")).unwrap();
+                fs::create_dir_all(src.join("n1/n2")).unwrap();
+                write(&src.join("n1/n2/f"), b"nested new");
+            }
+            1 => {
+                fs::rename(src.join("n1"), src.join("a/moved")).unwrap();
+                write(&src.join("a/moved/n2/g"), b"in the moved dir");
+                fs::remove_dir_all(src.join("emptydir")).unwrap();
+                write(&src.join("emptydir"), b"now a file");
+                set_mtime(&src.join("empty"), 1_000, 1);
+            }
+            _ => {
+                fs::remove_file(src.join("link")).unwrap();
+                std::os::unix::fs::symlink("elsewhere", src.join("link")).unwrap();
+                fs::rename(src.join("a/private"), src.join("a/b/private")).unwrap();
+                chmod(&src.join("a/b"), 0o700);
+            }
+        }
+        // Behind the engine's back, in a directory the journal has no reason to mark.
+        write(&dst.join("a/b/c/behind"), b"not ours");
+        let Changes::Exact(marked) = journal.take() else {
+            panic!("the journal is in doubt");
+        };
+        let stats = sync_tree_journaled(&src, &dst, &durable(), &marked).unwrap();
+        assert!(
+            stats.unchanged < 5,
+            "round {round}: unmarked entries are not even looked at: {stats:?}"
+        );
+        if round == 0 {
+            assert!(
+                dst.join("a/b/c/behind").exists(),
+                "round 0: a/b/c is marked only for its changed file, not listed"
+            );
+        }
+        // Undo what we did behind its back, the directory's mtime included.
+        fs::remove_file(dst.join("a/b/c/behind")).ok();
+        let m = fs::symlink_metadata(src.join("a/b/c")).unwrap();
+        set_mtime(&dst.join("a/b/c"), m.mtime(), m.mtime_nsec());
+        assert_same(&src, &dst);
+        no_temps(&dst);
+    }
+}

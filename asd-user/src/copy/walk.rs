@@ -4,8 +4,9 @@
 
 use std::cell::OnceCell;
 use std::collections::HashMap;
-use std::ffi::{CStr, CString};
+use std::ffi::{CStr, CString, OsStr};
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 
 use rustix::fs::{self as rfs, AtFlags, FileType, Mode};
 use rustix::io::Errno;
@@ -23,7 +24,18 @@ impl Engine<'_> {
     // -- the walk ---------------------------------------------------------------------------
 
     pub(super) fn sync_dir(&mut self, d: &DirCtx<'_>) {
-        let names = match list_dir(d.src, &mut self.dirbuf) {
+        // A journaled run in a directory whose listing did not change: the journal's names are
+        // all there is to look at, and the directory is not even listed.
+        let marked = d.node.filter(|_| !d.changed).map(|n| {
+            n.children()
+                .filter_map(|(name, _)| CString::new(name.as_bytes()).ok())
+                .collect::<Vec<_>>()
+        });
+        let listed = match marked {
+            Some(names) => Ok(names),
+            None => list_dir(d.src, &mut self.dirbuf),
+        };
+        let names = match listed {
             Ok(n) => n,
             Err(e) => {
                 let e = cerr("readdir", self.src_path(None), e);
@@ -58,6 +70,15 @@ impl Engine<'_> {
                 (n, in_dst)
             })
             .collect();
+        // Journaled: entries the journal did not mark did not change (their destination
+        // counterparts were taken out of `listing` above, so they are not extra either).
+        let entries = match d.node {
+            Some(n) => entries
+                .into_iter()
+                .filter(|(name, _)| n.child(OsStr::from_bytes(name.to_bytes())).is_some())
+                .collect(),
+            None => entries,
+        };
         let mut probes = self.probe_all(d, entries);
         // Changed entries of a directory whose destination is not open yet: open it now (they
         // are few, and the directory itself is probably still cached from the first pass).
@@ -195,7 +216,12 @@ impl Engine<'_> {
         made_writable: bool,
     ) {
         let dst_len = push_rel(&mut self.dst_rel, name);
-        let cd = DirCtx::new(src.as_fd(), dst, Some((d, name)), false, self.changed(sm));
+        let node = d
+            .node
+            .and_then(|n| n.child(OsStr::from_bytes(name.to_bytes())));
+        let changed = self.dir_changed(node, sm);
+        let mut cd = DirCtx::new(src.as_fd(), dst, Some((d, name)), false, changed);
+        cd.node = node.filter(|n| !n.whole());
         cd.made_writable.set(made_writable);
         self.sync_dir(&cd);
         if cd.needs_meta() {
