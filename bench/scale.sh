@@ -99,9 +99,44 @@ run_mode() {  # $1: copy|overlay, $2 $3 $4: rounds of changes
   done
   return 0
 }
+# The daemon (copy mode): its resyncs use a change journal once the first one readied it
+# (asd-user/src/journals.rs); one-off `asd resync` commands above compare by ctime. The daemon
+# logs how long each resync took; its stop is timed from SIGTERM to exit; peak RSS is its VmHWM.
+run_daemon() {  # $1 $2: rounds of changes
+  conf no
+  local log="$W/daemon.log" pid n
+  cold
+  ASD_LOG=info "$ASD" daemon 2>"$log" & pid=$!
+  wait_log() {  # $1: pattern, $2: count
+    for _ in $(seq 1 600); do
+      [ "$(grep -c "$1" "$log" || true)" -ge "$2" ] && return 0
+      kill -0 "$pid" 2>/dev/null || { cat "$log" >&2; exit 1; }
+      sleep 0.1
+    done
+    echo "daemon: timed out waiting for '$1'" >&2; cat "$log" >&2; exit 1
+  }
+  wait_log "target(s) in RAM" 1
+  kill -USR1 "$pid"; wait_log "resync done in" 1
+  change10 "$1"; kill -USR1 "$pid"; wait_log "resync done in" 2
+  D[r10]=$(grep "resync done in" "$log" | sed -n 2p | sed 's/.*done in \([0-9.]*\) s.*/\1/')
+  change10 "$2"; kill -USR1 "$pid"; wait_log "resync done in" 3
+  D[r10b]=$(grep "resync done in" "$log" | sed -n 3p | sed 's/.*done in \([0-9.]*\) s.*/\1/')
+  D[rss]=$(awk '/VmHWM/ { printf "%.1f", $2 / 1024 }' "/proc/$pid/status")
+  local t0 t1; t0=$(date +%s.%N); kill -TERM "$pid"; wait "$pid"; t1=$(date +%s.%N)
+  D[stop]=$(python3 -c "print(f'{$t1 - $t0:.3f}')")
+  mountpoint -q "$W/t" && { echo "the daemon's stop left $W/t mounted" >&2; exit 1; }
+  local r; for r in "$1" "$2"; do
+    awk -v r="$r" '$1 == r { print $2 }' "$W/changes" | while read -r p; do
+      [ "$(tail -c 10 "$p")" = "changed $r" ] || { echo "daemon: change $r of $p lost" >&2; exit 1; }
+    done
+  done
+}
+declare -A D
 echo "tree on disk: $(du -sh "$W/t" | cut -f1)"
 run_mode copy 0 1 2
 run_mode overlay 4 5 6
+echo "copy mode, the daemon: sync, resyncs, stop ..."
+run_daemon 3 7
 
 echo
 printf '%-40s %9s %9s %10s %10s   %s\n' "operation ($FILES files, ${TOTAL_MB} MB)" "copy s" "copy MB" "overlay s" "overlay MB" "goal"
@@ -113,3 +148,9 @@ row "resync, 10 files changed (cold)" r10 "copy < 0.100 s, overlay < 0.020 s"
 row "resync, nothing changed (cold)" r0 ""
 row "resync, 10 files changed (warm)" r10w ""
 row "unsync, 10 files changed since (cold)" unsync ""
+echo
+echo "the daemon, copy mode (change journal):"
+printf '  %-52s %9s   %s\n' "resync, 10 files changed (as logged by the daemon)" "${D[r10]}" "goal < 0.100 s"
+printf '  %-52s %9s\n' "resync, 10 more files changed" "${D[r10b]}"
+printf '  %-52s %9s\n' "stop (SIGTERM to exit: write-back, unmount, delete)" "${D[stop]}"
+printf '  %-52s %9s   %s\n' "peak RSS of the daemon (VmHWM, MB)" "${D[rss]}" "goal < 64 MB"

@@ -136,8 +136,15 @@ pub fn run(engine: &Engine) -> Result<(), DaemonError> {
     loop {
         match wait_signal(&set, interval) {
             None | Some(libc::SIGUSR1) => {
+                let began = std::time::Instant::now();
                 match engine.resync() {
-                    Ok(_) => last = clock(SystemTime::now()),
+                    Ok(_) => {
+                        let took = began.elapsed().as_secs_f64();
+                        // In the journal and the status line: how long write-backs take is
+                        // what tells a user whether the interval suits them.
+                        tracing::info!("resync done in {took:.3} s");
+                        last = format!("{} ({took:.2} s)", clock(SystemTime::now()));
+                    }
                     Err(e) => {
                         tracing::error!("resync failed: {e}; will try again at the next interval")
                     }
