@@ -93,24 +93,61 @@ fn seed() -> u64 {
     seed
 }
 
+/// A target made by `make_tree`, configured (with `extra` config lines), the place for the
+/// copy of what it shows, and the seed of the random changes. None when not root.
+struct World {
+    ns: Ns,
+    target: std::path::PathBuf,
+    expected: std::path::PathBuf,
+    seed: u64,
+}
+
+impl World {
+    fn new(extra: &str) -> Option<World> {
+        if !require_root() {
+            return None;
+        }
+        assert!(
+            have("rsync") && have("setfattr") && have("python3"),
+            "rsync, attr and python3 are needed: run the README test command"
+        );
+        let ns = Ns::new();
+        let target = ns.data().join("t");
+        let expected = ns.data().join("expected");
+        make_tree(&ns, &target);
+        ns.write_conf(&[&target], extra);
+        Some(World {
+            ns,
+            target,
+            expected,
+            seed: seed(),
+        })
+    }
+}
+
+/// What the target shows now, copied to `expected` (to compare the disk with after a stop).
+fn copy_of_target(ns: &Ns, target: &std::path::Path, expected: &std::path::Path) {
+    ns.sh_ok(&format!(
+        "rsync -aX '{}/' '{}/'",
+        target.display(),
+        expected.display()
+    ));
+}
+
 /// Rounds of random changes with resyncs between them, then unsync: the disk holds exactly
 /// what the target showed just before the unsync. The RAM copy is compared with the disk after
 /// every resync too.
 #[test]
 fn incremental_write_backs_miss_no_change() {
-    if !require_root() {
+    let Some(World {
+        ns,
+        target,
+        expected,
+        seed,
+    }) = World::new("")
+    else {
         return;
-    }
-    assert!(
-        have("rsync") && have("setfattr") && have("python3"),
-        "rsync, attr and python3 are needed: run the README test command"
-    );
-    let seed = seed();
-    let ns = Ns::new();
-    let target = ns.data().join("t");
-    let expected = ns.data().join("expected");
-    make_tree(&ns, &target);
-    ns.write_conf(&[&target], "");
+    };
     ns.asd_ok(&["sync"]);
     let p = asd::paths::TargetPaths::new(&target, "root", &ns.vol()).expect("paths");
     for round in 0..8u64 {
@@ -126,11 +163,7 @@ fn incremental_write_backs_miss_no_change() {
         }
     }
     random_changes(&ns, &target, seed.wrapping_add(100), 40);
-    ns.sh_ok(&format!(
-        "rsync -aX '{}/' '{}/'",
-        target.display(),
-        expected.display()
-    ));
+    copy_of_target(&ns, &target, &expected);
     ns.asd_ok(&["unsync"]);
     assert_eq!(
         ns.our_mounts(),
@@ -226,19 +259,15 @@ fn a_full_comparison_runs_once_a_day() {
 /// showed.
 #[test]
 fn the_daemons_journaled_resyncs_miss_no_change() {
-    if !require_root() {
+    let Some(World {
+        ns,
+        target,
+        expected,
+        seed,
+    }) = World::new("RESYNC_INTERVAL=1h")
+    else {
         return;
-    }
-    assert!(
-        have("rsync") && have("setfattr") && have("python3"),
-        "rsync, attr and python3 are needed: run the README test command"
-    );
-    let seed = seed();
-    let ns = Ns::new();
-    let target = ns.data().join("t");
-    let expected = ns.data().join("expected");
-    make_tree(&ns, &target);
-    ns.write_conf(&[&target], "RESYNC_INTERVAL=1h");
+    };
     let log = ns.root.join("daemon.log");
     let mut daemon = KillOnDrop(
         ns.asd_cmd(&["daemon"])
@@ -299,11 +328,7 @@ fn the_daemons_journaled_resyncs_miss_no_change() {
         }
     }
     random_changes(&ns, &target, seed.wrapping_add(2000), 30);
-    ns.sh_ok(&format!(
-        "rsync -aX '{}/' '{}/'",
-        target.display(),
-        expected.display()
-    ));
+    copy_of_target(&ns, &target, &expected);
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(daemon.0.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
