@@ -24,7 +24,7 @@ const SNAPSHOT_EXT: &str = ".tar.zstd";
 /// Whether `name` is one of asd's entries beside `target`: `.NAME-backup_asd` followed by
 /// `-old`, `-old.partial` or `-changes` (each also with `.asd-trash`, what a cleanup renames
 /// aside), or `-crashrecovery-YYYYMMDD_HHMMSS[_N].tar.zstd[.partial]`. Never the backup dir
-/// itself (the helper's mount point) and never anything with a `/`.
+/// itself (the helper's mount point) and never anything with a `/` or a NUL.
 pub fn is_asd_name(target: &Path, name: &str) -> bool {
     let Some(base) = paths::backup_name(target) else {
         return false;
@@ -32,7 +32,7 @@ pub fn is_asd_name(target: &Path, name: &str) -> bool {
     let Some(rest) = name.strip_prefix(&*base.to_string_lossy()) else {
         return false;
     };
-    if name.contains('/') || base.to_str().is_none() {
+    if name.contains(['/', '\0']) || base.to_str().is_none() {
         return false;
     }
     let plain = rest.strip_suffix(".asd-trash").unwrap_or(rest);
@@ -291,5 +291,9 @@ mod tests {
             Path::new("/srv/.hidden"),
             ".hidden-backup_asd-old"
         ));
+        // Found by the property tests: a target with a NUL (refused by `normalized` before any
+        // call gets here) lent the NUL to the names beside it.
+        assert!(!is_asd_name(Path::new("a\0b"), ".a\0b-backup_asd-old"));
+        assert!(!is_asd_name(Path::new("/a\0b"), ".a\0b-backup_asd-old"));
     }
 }

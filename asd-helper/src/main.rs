@@ -9,6 +9,8 @@ mod ops;
 mod paths;
 mod peer;
 mod polkit;
+#[cfg(test)]
+mod proptests;
 mod records;
 mod server;
 mod sys;

@@ -157,6 +157,93 @@ impl State {
     pub fn remove(&mut self, target: &Path) {
         self.targets.retain(|t| t.paths.target != target);
     }
+
+    /// Whether the state is one asd could have written. A per-user state file lives in a
+    /// directory its user can write, so it is checked before use: every recorded target must be
+    /// named by the state's own config snapshot, in that snapshot's mode, with exactly the paths
+    /// asd derives from it ([`TargetPaths::new`]) and, for a manager that is not root, owned by
+    /// the user running it. Otherwise an edited file could steer the manager's writes (and its
+    /// calls to the helper) to paths the config does not name. `euid` is the manager's.
+    pub fn check(&self, euid: u32) -> Result<(), String> {
+        let c = &self.config;
+        plain_absolute(&c.volatile, true).map_err(|e| format!("VOLATILE {e}"))?;
+        for w in &c.whattosync {
+            plain_absolute(w, true).map_err(|e| format!("WHATTOSYNC {e}"))?;
+        }
+        if c.resync_interval < Duration::from_secs(1)
+            || c.resync_interval > crate::config::MAX_RESYNC_INTERVAL
+        {
+            return Err(format!(
+                "RESYNC_INTERVAL of {}s is out of range",
+                c.resync_interval.as_secs()
+            ));
+        }
+        let mode = if c.use_overlayfs {
+            Mode::Overlay
+        } else {
+            Mode::Copy
+        };
+        for (i, t) in self.targets.iter().enumerate() {
+            let target = &t.paths.target;
+            let shown = target.display();
+            plain_absolute(target, false).map_err(|e| format!("target {e}"))?;
+            if !c.whattosync.contains(target) {
+                return Err(format!("target {shown} is not in its WHATTOSYNC"));
+            }
+            if self.targets[..i].iter().any(|o| o.paths.target == *target) {
+                return Err(format!("target {shown} is recorded twice"));
+            }
+            let name = &t.owner.name;
+            if name.is_empty() || name.contains(['/', '\0']) || name == "." || name == ".." {
+                return Err(format!(
+                    "target {shown}: owner name {name:?} is not a user name"
+                ));
+            }
+            if euid != 0 && t.owner.uid != euid {
+                return Err(format!(
+                    "target {shown} is recorded for uid {}, not for this user (uid {euid})",
+                    t.owner.uid
+                ));
+            }
+            if t.mode != mode {
+                return Err(format!(
+                    "target {shown} is recorded in {} mode, its config says {}",
+                    t.mode.as_str(),
+                    mode.as_str()
+                ));
+            }
+            if TargetPaths::new(target, name, &c.volatile).as_ref() != Some(&t.paths) {
+                return Err(format!(
+                    "the paths recorded for target {shown} are not the ones asd derives from it"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `p` is absolute with no empty, `.` or `..` component, no trailing `/` and no NUL (what the
+/// config parser produces); `/` itself only if `root_ok`.
+fn plain_absolute(p: &Path, root_ok: bool) -> Result<(), String> {
+    use std::os::unix::ffi::OsStrExt;
+    let b = p.as_os_str().as_bytes();
+    let bad = |why: &str| Err(format!("{:?} {why}", p));
+    if b == b"/" {
+        return if root_ok { Ok(()) } else { bad("is /") };
+    }
+    if !b.starts_with(b"/") {
+        return bad("is not absolute");
+    }
+    if b.contains(&0) {
+        return bad("contains a NUL byte");
+    }
+    if b[1..]
+        .split(|c| *c == b'/')
+        .any(|c| c.is_empty() || c == b"." || c == b"..")
+    {
+        return bad("is not normalized");
+    }
+    Ok(())
 }
 
 pub fn now_secs() -> u64 {
@@ -312,6 +399,12 @@ impl Runtime {
                 reason: format!("version {} (this asd knows {STATE_VERSION})", state.version),
             });
         }
+        state
+            .check(nix::unistd::geteuid().as_raw())
+            .map_err(|reason| StateError::Corrupt {
+                path,
+                reason: format!("it was not written by asd: {reason}"),
+            })?;
         Ok(Some(state))
     }
 
