@@ -82,6 +82,13 @@ subst_paths = sed -e 's|@PREFIX@|$(PREFIX)|g' -e 's|@BINDIR@|$(BINDIR)|g' \
                   -e 's|@LIBEXECDIR@|$(LIBEXECDIR)|g' $(1) > $(2) && chmod 0644 $(2)
 
 install: all
+	@# Binaries built with the test-hooks feature (cargo test --release --features ...) abort on an
+	@# ASD_TEST_* variable: never install those (with no cargo in root's PATH, build runs no cargo).
+	@for b in asd asd-helper asd-helper-call; do \
+	  if grep -qa ASD_TEST_ $(RELEASE)/$$b; then \
+	    echo "$(RELEASE)/$$b was built with test hooks; run make again to rebuild it" >&2; exit 1; \
+	  fi; \
+	done
 	$(INSTALL_DIR) $(DESTDIR)$(BINDIR) $(DESTDIR)$(LIBEXECDIR)
 	$(INSTALL_PROG) $(RELEASE)/asd $(DESTDIR)$(BINDIR)/asd
 	ln -sfn asd $(DESTDIR)$(BINDIR)/anything-sync-daemon

@@ -61,13 +61,33 @@ if ! python3 -c 'import varlink' 2>/dev/null; then
   export ASD_TEST_PYTHON="$venv/bin/python3"
 fi
 
+# The crash tests stop asd at its test hooks (ASD_TEST_* variables), which exist only with the
+# test-hooks feature: the tests are built with it, release binaries never.
+hooks=(--features asd-user/test-hooks)
+
 echo "== format and lint"
 cargo fmt --all -- --check
+# Both builds: without the feature (what ships) and with it (what the tests run).
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+cargo clippy --workspace --all-targets --quiet "${hooks[@]}" -- -D warnings
+
+echo "== release binaries hold no test hooks"
+# What make builds and installs: not one ASD_TEST_ string may be in it (grep, not strings: binutils
+# may be missing on a fresh machine).
+cargo build --release --workspace --quiet
+release="${CARGO_TARGET_DIR:-target}/release"
+for bin in asd asd-helper asd-helper-call; do
+  n=$(grep -ac ASD_TEST_ "$release/$bin" || true)
+  if [ "$n" != 0 ]; then
+    echo "tests/run.sh: $release/$bin holds $n ASD_TEST_ strings: test hooks in a release build" >&2
+    exit 1
+  fi
+  echo "$release/$bin: no ASD_TEST_"
+done
 
 echo "== tests"
 # Tests that mount run in their own mount namespaces; several at once are fine.
-cargo test --workspace -- --test-threads="${ASD_TEST_THREADS:-4}" "$@"
+cargo test --workspace "${hooks[@]}" -- --test-threads="${ASD_TEST_THREADS:-4}" "$@"
 
 # ---- end-to-end on real systemd (tests/e2e/run.sh) -------------------------------------------
 # Boots a Debian 12 container with systemd-nspawn (root file system built once with debootstrap

@@ -139,13 +139,17 @@ fn run_in_worker(owner: &Owner, job: &Job, fd: Option<OwnedFd>) -> Result<Output
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
-    for key in [
+    // The copy engine's crash hook runs in the worker, so its variable must reach it; it is
+    // passed only in builds that have the hook (the `test-hooks` feature).
+    let passed: &[&str] = &[
         "RUST_LOG",
         "DEBUG",
         "ASD_LOG",
         "NO_COLOR",
+        #[cfg(any(test, feature = "test-hooks"))]
         "ASD_TEST_CRASH_AFTER_RENAMES",
-    ] {
+    ];
+    for key in passed {
         if let Some(v) = std::env::var_os(key) {
             cmd.env(key, v);
         }

@@ -200,6 +200,7 @@ fn crash_in_the_middle_of_renames() {
     if !require_root() {
         return;
     }
+    require_test_hook("ASD_TEST_CRASH_AFTER_RENAMES");
     let s = setup();
     write_version(&s.ns, &s.target, 3);
     let out =

@@ -724,7 +724,19 @@ fn crash_child(mut c: Command, crash: Crash) -> bool {
         std::thread::sleep(delay);
         let _ = proc.kill();
     }
-    !proc.wait().expect("wait").success()
+    let status = proc.wait().expect("wait");
+    // Every apply and persist has a first step, so the hook aborts it there; a child that did
+    // not abort has no hook (built without the test-hooks feature), and every AfterRenames
+    // point would then test nothing.
+    if let Crash::AfterRenames(0) = crash {
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(libc::SIGABRT),
+            "the crash hook did not abort the child ({status}): built without the test-hooks \
+             feature? run tests/run.sh, or cargo test --features asd-user/test-hooks"
+        );
+    }
+    !status.success()
 }
 
 /// Checks a tree hit by a crash against the version before (`old`) and after (`new`): every

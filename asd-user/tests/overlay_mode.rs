@@ -216,6 +216,7 @@ fn overlay_kill_in_cleanup_after_the_change_set_was_renamed_aside() {
     if !require_root() {
         return;
     }
+    require_test_hook("ASD_TEST_CRASH_IN_CLEANUP");
     let c = resynced_with_changes();
     let out =
         c.ns.asd_cmd(&["unsync"])
@@ -246,6 +247,7 @@ fn overlay_kill_during_resync() {
     if !require_root() {
         return;
     }
+    require_test_hook("ASD_TEST_CRASH_AFTER_RENAMES");
     let c = start();
     c.ns.asd_ok(&["sync"]);
     let t = c.target.display().to_string();

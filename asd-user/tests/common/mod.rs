@@ -22,6 +22,22 @@ pub fn require_root() -> bool {
     false
 }
 
+/// Tests that stop asd with a crash hook (`var`, an `ASD_TEST_*` variable) need an asd built
+/// with the `test-hooks` feature; without it the variable is ignored, the crash never happens,
+/// and the test would pass having tested nothing. So it fails, naming the fix. The variable's
+/// name is in the binary exactly when the hook is (release builds must hold no `ASD_TEST_`).
+pub fn require_test_hook(var: &str) {
+    let found = Command::new("grep")
+        .args(["-qaF", var, ASD])
+        .status()
+        .expect("grep");
+    assert!(
+        found.success(),
+        "{ASD} has no {var} hook: it was built without the test-hooks feature; run \
+         tests/run.sh, or cargo test --features asd-user/test-hooks"
+    );
+}
+
 pub fn have(cmd: &str) -> bool {
     Command::new("sh")
         .args(["-c", &format!("command -v {cmd}")])
