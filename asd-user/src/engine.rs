@@ -464,9 +464,18 @@ impl Engine<'_> {
         dst: &Path,
         since: Option<crate::copy::Timestamp>,
     ) -> Result<CopyStats, EngineError> {
-        let marks = self
-            .journals
-            .as_ref()
+        self.write_back_journaled(self.journals.as_ref(), t, dst, since)
+    }
+
+    /// [`Engine::write_back`] with the change journals in `journals`.
+    fn write_back_journaled(
+        &self,
+        journals: Option<&Journals>,
+        t: &TargetState,
+        dst: &Path,
+        since: Option<crate::copy::Timestamp>,
+    ) -> Result<CopyStats, EngineError> {
+        let marks = journals
             .and_then(|j| j.before_write_back(t))
             .filter(|_| since.is_some());
         if let Some(m) = &marks {
@@ -477,7 +486,7 @@ impl Engine<'_> {
             );
         }
         let result = self.write_back_with(t, dst, since, marks);
-        if let Some(j) = &self.journals {
+        if let Some(j) = journals {
             j.after_write_back(t, result.is_ok());
         }
         result
@@ -602,8 +611,12 @@ impl Engine<'_> {
         // `incremental_since`); then the cover goes read-only and a quick pass catches what was
         // written meanwhile; then the cover goes. Nothing is written back after the target shows
         // the disk again, so nothing written there can be overwritten.
+        // Without the daemon's journals, one started here still spares the last pass a walk of
+        // the whole tree: it journals from before the first pass (see `journals`).
+        let local = self.journals.is_none().then(Journals::new);
+        let journals = self.journals.as_ref().or(local.as_ref());
         let started = crate::copy::Timestamp::now();
-        self.write_back(t, &p.backup, incremental_since(t))?;
+        self.write_back_journaled(journals, t, &p.backup, incremental_since(t))?;
         // Read-only for the last pass is a safeguard, not a requirement (an older helper may not
         // know how): without it the last pass runs all the same.
         // A failed freeze may still have taken effect (e.g. the helper froze but could not
@@ -621,7 +634,7 @@ impl Engine<'_> {
         // A copy of the cover in another mount namespace would outlive ours, and what is
         // written there would go into the RAM copy deleted below: such a target stays in RAM.
         let last = self
-            .write_back(t, &p.backup, Some(started))
+            .write_back_journaled(journals, t, &p.backup, Some(started))
             .and_then(|_| {
                 holders::refuse_copies_elsewhere(&p.target).map_err(|e| target_err(&p.target, e))
             })
@@ -671,6 +684,8 @@ impl Engine<'_> {
         } else {
             self.mounter.release(t).map_err(te)?;
         }
+        // Before the RAM copy is deleted: a journal would follow every deletion.
+        drop(local);
         if let Some(j) = &self.journals {
             j.forget(t);
         }
