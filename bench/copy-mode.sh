@@ -85,7 +85,10 @@ t0=$(now); "$ASD" resync >/dev/null; t1=$(now); RESYNC=$(secs "$t0" "$t1")
 t0=$(now); "$ASD" resync >/dev/null; t1=$(now); RESYNC_NOCHANGE=$(secs "$t0" "$t1")
 # asd unsync with real work: another 1% change through the target after the last resync
 change_one_percent "$W/t"; cold
-t0=$(now); "$ASD" unsync >/dev/null; t1=$(now); UNSYNC=$(secs "$t0" "$t1")
+t0=$(now); ASD_LOG=info "$ASD" unsync >/dev/null 2>"$W/unsync.log"; t1=$(now); UNSYNC=$(secs "$t0" "$t1")
+# asd logs its two parts apart: the write-back (what changed) and the deletions (the tree's size).
+UNSYNC_WB=$(sed -n 's/.*written back and unmounted in \([0-9.]*\) s.*/\1/p' "$W/unsync.log" | head -1)
+UNSYNC_DEL=$(sed -n 's/.*start clone deleted in \([0-9.]*\) s.*/\1/p' "$W/unsync.log" | head -1)
 # The reference for unsync: anything-sync-daemon v6.0.0 (github.com/graysky2/anything-sync-daemon,
 # tag v6.0.0, common/anything-sync-daemon.in): `unsync)` runs do_sync then do_unsync; do_sync
 # writes the tmpfs copy back with
@@ -129,3 +132,5 @@ row "asd unsync, 1% changed since resync" "$UNSYNC" "$(ratio "$UNSYNC" "$RESYNC"
 row "" "" "$(ratio "$UNSYNC" "$ASD6_UNSYNC") of asd 6.0 unsync write-back (goal <= 0.30x)"
 row "" "" "$(ratio "$UNSYNC" "$ASD6_WHOLE") of the whole asd 6.0 unsync"
 row "" "" "$(ratio "$UNSYNC" "$ASD5_UNSYNC") of asd 5.x unsync write-back"
+row "  of which: written back, unmounted" "$UNSYNC_WB" "$(ratio "$UNSYNC_WB" "$RESYNC") of asd resync, $(ratio "$UNSYNC_WB" "$ASD6_UNSYNC") of asd 6.0 unsync write-back"
+row "  of which: RAM copy, start clone deleted" "$UNSYNC_DEL" "(asd 6.0: $ASD6_CLEANUP)"
