@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::clock::ClockMark;
 use crate::config::{self, Config, Expand};
 use crate::copy::CopyStats;
 use crate::holders;
@@ -65,7 +66,19 @@ fn incremental_since(t: &TargetState) -> Option<crate::copy::Timestamp> {
     if age >= state::FULL_COMPARE_EVERY {
         return None;
     }
-    t.clean_since
+    let since = t.clean_since?;
+    // A wall clock set back since then would stamp later changes with older ctimes.
+    if t.clean_clock
+        .as_ref()
+        .is_none_or(|c| c.stepped_back_since(since))
+    {
+        tracing::info!(
+            "{}: the clock may have been set back since the last write-back: comparing everything",
+            t.paths.target.display()
+        );
+        return None;
+    }
+    Some(since)
 }
 
 fn busy_named(target: &Path, e: MountError) -> EngineError {
@@ -241,6 +254,7 @@ impl Engine<'_> {
                 stage: Stage::Syncing,
                 clean_since: None,
                 full_compare_at: None,
+                clean_clock: None,
             };
             // Leftovers on disk without any state: a reboot after a crash.
             match recover::recover(self.mounter, &t, None, &cfg) {
@@ -291,6 +305,7 @@ impl Engine<'_> {
             stage: Stage::Syncing,
             clean_since: None,
             full_compare_at: None,
+            clean_clock: None,
         };
         state.upsert(t.clone());
         self.runtime.save(state)?;
@@ -317,8 +332,11 @@ impl Engine<'_> {
             }
         };
         t.stage = Stage::Synced;
-        t.clean_since = copied_at;
-        t.full_compare_at = copied_at.map(|_| state::now_secs());
+        t.full_compare_at = copied_at.as_ref().map(|_| state::now_secs());
+        (t.clean_since, t.clean_clock) = match copied_at {
+            Some((at, clock)) => (Some(at), clock),
+            None => (None, None),
+        };
         state.upsert(t.clone());
         self.runtime.save(state)?;
         tracing::info!(
@@ -330,12 +348,12 @@ impl Engine<'_> {
     }
 
     /// Returns (copy mode) a time at which the RAM copy equalled the disk: taken after the copy and
-    /// before the cover, so every later change has a newer ctime.
+    /// before the cover, so every later change has a newer ctime; and the boot-time clock then.
     fn mount_and_copy(
         &self,
         t: &TargetState,
         cfg: &Config,
-    ) -> Result<Option<crate::copy::Timestamp>, EngineError> {
+    ) -> Result<Option<(crate::copy::Timestamp, Option<ClockMark>)>, EngineError> {
         let p = &t.paths;
         let te = |e: MountError| target_err(&p.target, e);
         let oe = |e: owner::OwnerError| target_err(&p.target, e);
@@ -432,7 +450,8 @@ impl Engine<'_> {
                 self.mounter.mount_overlay(t).map_err(te)?
             }
         }
-        let copied_at = (t.mode == Mode::Copy).then(crate::copy::Timestamp::now);
+        let copied_at =
+            (t.mode == Mode::Copy).then(|| (crate::copy::Timestamp::now(), ClockMark::now()));
         // Once more, without waiting: a program that started using the target meanwhile
         // would write underneath the cover (the caller undoes everything on this error).
         holders::wait_until_unused(&p.target, Duration::ZERO)
@@ -539,10 +558,12 @@ impl Engine<'_> {
             }
             // Taken before the walk: whatever changes during it is newer and is seen next time.
             let started = crate::copy::Timestamp::now();
+            let clock = ClockMark::now();
             let since = incremental_since(t);
             match self.write_back(t, &t.paths.backup, since) {
                 Ok(s) => {
                     t.clean_since = Some(started);
+                    t.clean_clock = clock;
                     if since.is_none() {
                         t.full_compare_at = Some(state::now_secs());
                     }
@@ -635,7 +656,10 @@ impl Engine<'_> {
         // A copy of the cover in another mount namespace would outlive ours, and what is
         // written there would go into the RAM copy deleted below: such a target stays in RAM.
         let last = self
-            .write_back_journaled(journals, t, &p.backup, Some(started))
+            // Not frozen, programs may write until the cover goes: compare by ctime, which
+            // sees what was written up to the moment the walk reaches it, not only up to the
+            // journal's last period.
+            .write_back_journaled(journals.filter(|_| frozen), t, &p.backup, Some(started))
             .and_then(|_| {
                 holders::refuse_copies_elsewhere(&p.target).map_err(|e| target_err(&p.target, e))
             })

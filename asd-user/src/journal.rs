@@ -54,7 +54,7 @@
 //! dirty tree; starting lists every directory once (no per-file stat). A directory moved within
 //! the tree is listed again (only its directories are watched; it is compared whole anyway).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::{CStr, OsStr};
 use std::mem::MaybeUninit;
 use std::ops::Bound;
@@ -446,6 +446,8 @@ struct Core {
     /// Directories renamed away in this period, by rename cookie.
     moves: HashMap<u32, PendingMove>,
     dirty: DirtyTree,
+    /// Non-directories whose link count was checked in this period (see `check_links`).
+    checked: HashSet<PathBuf>,
     /// Why this period is in doubt (recording stops until the next `take`).
     doubt: Option<String>,
     /// The watches may be incomplete: walk the tree again at the next `take`.
@@ -465,6 +467,7 @@ impl Core {
             wds: BTreeMap::new(),
             moves: HashMap::new(),
             dirty: DirtyTree::new(),
+            checked: HashSet::new(),
             doubt: None,
             rescan: false,
             broken: None,
@@ -643,9 +646,21 @@ impl Core {
         }
     }
 
-    /// A non-directory's data or metadata changed: with several links, its other names changed
-    /// too, and they are not reported.
+    /// A non-directory's data or metadata changed, or it appeared under a new name: with
+    /// several links, its other names changed too (a link made with `link()` reports only the
+    /// new name), and they are not reported. Checked once per name and period, at every kind of
+    /// change, since the links may have been made after the first one. A name already gone when
+    /// its event is read cannot be checked (its other links, if any, were made in RAM, where
+    /// asd never makes any and the start refuses trees holding them).
     fn check_links(&mut self, rel: &Path) {
+        if self.doubt.is_some() || self.broken.is_some() || self.checked.contains(rel) {
+            return;
+        }
+        if self.checked.len() >= self.limit {
+            self.doubt(format!("more than {} changed files", self.limit));
+            return;
+        }
+        self.checked.insert(rel.to_path_buf());
         if let Ok(st) = rustix::fs::statat(CWD, self.abs(rel), AtFlags::SYMLINK_NOFOLLOW) {
             let links = st.st_nlink;
             if FileType::from_raw_mode(st.st_mode) != FileType::Directory && links > 1 {
@@ -703,6 +718,7 @@ impl Core {
                 self.watch_new(&path);
             } else {
                 self.mark(&path, Mark::Entry);
+                self.check_links(&path);
             }
         }
         if m.contains(ReadFlags::DELETE) {
@@ -737,13 +753,14 @@ impl Core {
                 self.watch_new(&path);
             } else {
                 self.mark(&path, Mark::Entry);
+                self.check_links(&path);
             }
         }
-        if m.intersects(ReadFlags::MODIFY | ReadFlags::ATTRIB | ReadFlags::CLOSE_WRITE)
-            && self.mark(&path, Mark::Entry)
-            && !is_dir
-        {
-            self.check_links(&path);
+        if m.intersects(ReadFlags::MODIFY | ReadFlags::ATTRIB | ReadFlags::CLOSE_WRITE) {
+            self.mark(&path, Mark::Entry);
+            if !is_dir {
+                self.check_links(&path);
+            }
         }
     }
 
@@ -891,6 +908,7 @@ impl ChangeJournal {
             None => Changes::Exact(std::mem::take(&mut core.dirty)),
         };
         core.dirty = DirtyTree::new();
+        core.checked.clear();
         if core.rescan {
             core.rescan();
         }
@@ -1194,9 +1212,19 @@ mod tests {
     fn journal_hard_links_are_in_doubt() {
         let td = tree();
         let j = ChangeJournal::start(td.path(), 1000).unwrap();
+        // A new link: the other name's directory hears nothing of it.
         fs::hard_link(td.path().join("d/f"), td.path().join("a/l")).unwrap();
-        assert_eq!(exact(j.take()), ["a L", "a/l E"]);
+        assert!(matches!(j.take(), Changes::InDoubt(why) if why.contains("hard links")));
         fs::write(td.path().join("d/f"), "both").unwrap();
+        assert!(matches!(j.take(), Changes::InDoubt(why) if why.contains("hard links")));
+        // Linked and then written through the new name in one period (the write's mark is not
+        // new: the link's creation made it).
+        fs::remove_file(td.path().join("a/l")).unwrap();
+        assert_eq!(exact(j.take()), ["a L", "a/l E"]);
+        fs::write(td.path().join("b/x"), "x").unwrap();
+        assert_eq!(exact(j.take()), ["b L", "b/x E"]);
+        fs::hard_link(td.path().join("b/x"), td.path().join("a/y")).unwrap();
+        fs::write(td.path().join("a/y"), "through the link").unwrap();
         assert!(matches!(j.take(), Changes::InDoubt(why) if why.contains("hard links")));
         assert_eq!(exact(j.take()), Vec::<String>::new());
     }

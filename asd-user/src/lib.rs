@@ -2,6 +2,7 @@
 //! One module per step of the data path (DESIGN.md §2).
 
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod copy;
 pub mod daemon;

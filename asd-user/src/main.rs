@@ -187,7 +187,20 @@ fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
+/// The soft limit on open descriptors up to the hard one: the copy threads hold a few hundred
+/// at most (see `copy::pool`), close to the usual soft limit of 1024 on a deep tree, and the
+/// hard limit is there to be used (systemd sets 524288).
+fn raise_fd_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut l = getrlimit(Resource::Nofile);
+    if l.current < l.maximum {
+        l.current = l.maximum;
+        let _ = setrlimit(Resource::Nofile, l);
+    }
+}
+
 fn main() -> ExitCode {
+    raise_fd_limit();
     if std::env::args_os()
         .nth(1)
         .is_some_and(|a| a == asd::owner::WORKER_ARG)

@@ -101,6 +101,10 @@ pub struct TargetState {
     /// is [`FULL_COMPARE_EVERY`] old.
     #[serde(default)]
     pub full_compare_at: Option<u64>,
+    /// The boot-time clock when `clean_since` was taken: a wall clock set back since then
+    /// makes `clean_since` useless (see [`crate::clock`]); without it, it is not trusted.
+    #[serde(default)]
+    pub clean_clock: Option<crate::clock::ClockMark>,
 }
 
 /// How often a resync compares the whole tree instead of what changed since the last one.

@@ -250,6 +250,37 @@ fn a_full_comparison_runs_once_a_day() {
             "the full comparison is recorded: {t}"
         );
     }
+
+    // The wall clock set back an hour since the last write-back (as if an hour of boot time
+    // had passed with the wall clock standing still): ctimes cannot be trusted, so the next
+    // resync compares everything too.
+    std::thread::sleep(std::time::Duration::from_millis(
+        3 * asd::copy::CTIME_MARGIN_MS as u64,
+    ));
+    ns.sh_ok(&format!(
+        "echo behind > '{}/behind2.txt'",
+        p.backup.display()
+    ));
+    ns.asd_ok(&["resync"]);
+    assert!(
+        backup.join("behind2.txt").exists(),
+        "an incremental resync again once the full comparison is recorded"
+    );
+    let mut state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state_file).expect("state")).expect("json");
+    for t in state["targets"].as_array_mut().expect("targets") {
+        let boot = t["clean_clock"]["boottime_ns"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("resync records the boot-time clock: {t}"));
+        t["clean_clock"]["boottime_ns"] = serde_json::json!(boot.saturating_sub(3_600_000_000_000));
+    }
+    std::fs::write(&state_file, state.to_string()).expect("write state");
+    ns.asd_ok(&["resync"]);
+    assert_eq!(
+        ns.tree_diff(&p.volatile, &p.backup),
+        "",
+        "after a clock step back the resync compares everything"
+    );
     ns.asd_ok(&["unsync"]);
 }
 

@@ -69,6 +69,7 @@ fn valid_state() -> impl Strategy<Value = State> {
                     stage: Stage::Synced,
                     clean_since: None,
                     full_compare_at: Some(1),
+                    clean_clock: None,
                 });
             }
             st
@@ -381,6 +382,7 @@ fn tampered_state_regressions() {
         stage: Stage::Synced,
         clean_since: None,
         full_compare_at: None,
+        clean_clock: None,
     };
     st.upsert(good.clone());
     assert_eq!(st.check(1000), Ok(()));

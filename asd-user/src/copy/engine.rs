@@ -61,6 +61,9 @@ pub(super) struct DirCtx<'f> {
     /// A journaled run: the journal's node of this directory. Only the names it marks are
     /// looked at. None: everything is (no journal, or a subtree the journal marked whole).
     pub(super) node: Option<&'f Node>,
+    /// The destination directory, or one above it, is being built under a temporary name:
+    /// its path changes when that is renamed into place.
+    pub(super) under_temp_name: bool,
 }
 
 impl<'f> DirCtx<'f> {
@@ -83,6 +86,7 @@ impl<'f> DirCtx<'f> {
             job_dir: OnceCell::new(),
             pooled: Cell::new(false),
             node: None,
+            under_temp_name: false,
         }
     }
 
@@ -384,8 +388,15 @@ impl<'a> Engine<'a> {
     }
 
     fn make_job_dir(&mut self, d: &DirCtx<'_>) -> Option<Arc<JobDir>> {
+        // Its metadata would be set after the threads finished, reopened by a path that a
+        // rename has changed by then: the walk copies the files there itself.
+        if d.under_temp_name {
+            return None;
+        }
         let dst = self.dst_dir(d).ok()?;
-        if !d.fresh && !self.policy.ids.privileged {
+        // Even a directory this run made: the umask or a default ACL may have left it without
+        // owner write permission (the walk would open it up; a job would fail).
+        if !self.policy.ids.privileged {
             let m = fstat(dst).ok()?;
             if m.uid != self.policy.ids.euid || m.perm & 0o300 != 0o300 {
                 return None;

@@ -797,3 +797,49 @@ fn journaled_sync_writes_what_the_journal_marked_and_nothing_else() {
         no_temps(&dst);
     }
 }
+
+/// A rename made after the journal's period ended (while the write-back runs) is reported in
+/// the next period; meanwhile the old name is not deleted before the new one is written.
+#[test]
+fn journaled_sync_never_deletes_an_old_name_before_the_new_one_exists() {
+    use crate::journal::{ChangeJournal, Changes};
+    let t = tempfile::tempdir().unwrap();
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    fs::create_dir(&src).unwrap();
+    fs::create_dir(&dst).unwrap();
+    make_tree(&src);
+    sync_tree(&src, &dst, &durable()).unwrap();
+    let journal = ChangeJournal::start(&src, 10_000).unwrap();
+    // In the period: something new in `a`, so `a`'s listing is marked.
+    write(&src.join("a/new"), b"new");
+    let Changes::Exact(marked) = journal.take() else {
+        panic!("the journal is in doubt");
+    };
+    // After the period ended, before the walk: a file and a directory renamed in `a`.
+    fs::rename(src.join("a/private"), src.join("a/renamed")).unwrap();
+    fs::rename(src.join("a/b"), src.join("a/b2")).unwrap();
+    sync_tree_journaled(&src, &dst, &durable(), &marked).unwrap();
+    assert_eq!(
+        fs::read(dst.join("a/renamed")).unwrap(),
+        b"secret",
+        "new name written"
+    );
+    assert!(
+        dst.join("a/b2/c/deep").exists(),
+        "renamed directory written whole"
+    );
+    assert!(
+        dst.join("a/private").exists(),
+        "old name kept until the next period"
+    );
+    assert!(
+        dst.join("a/b/c/deep").exists(),
+        "old directory kept until the next period"
+    );
+    let Changes::Exact(next) = journal.take() else {
+        panic!("the journal is in doubt");
+    };
+    sync_tree_journaled(&src, &dst, &durable(), &next).unwrap();
+    assert_same(&src, &dst);
+    no_temps(&dst);
+}

@@ -71,14 +71,26 @@ impl Engine<'_> {
             })
             .collect();
         // Journaled: entries the journal did not mark did not change (their destination
-        // counterparts were taken out of `listing` above, so they are not extra either).
-        let entries = match d.node {
-            Some(n) => entries
-                .into_iter()
-                .filter(|(name, _)| n.child(OsStr::from_bytes(name.to_bytes())).is_some())
-                .collect(),
-            None => entries,
+        // counterparts were taken out of `listing` above, so they are not extra either), with
+        // one exception: a name the destination lacks is compared all the same. It can only be
+        // one that arrived after the journal's period ended (a rename into this directory
+        // while this write-back runs, reported next period), and its old name may be deleted
+        // below: the new place must exist before the old one goes.
+        let marked = |name: &CStr| {
+            d.node
+                .is_none_or(|n| n.child(OsStr::from_bytes(name.to_bytes())).is_some())
         };
+        let entries: Vec<(CString, InDst)> = entries
+            .into_iter()
+            .filter(|(name, in_dst)| marked(name) || matches!(in_dst, InDst::No))
+            .collect();
+        // Likewise only the extra destination names the journal marked (deleted or renamed
+        // away in its period) are deleted: one that left the source after the period ended is
+        // deleted by the next write-back, after its new place was written (by this one if it
+        // arrived in time, by the next otherwise).
+        if let Some(l) = listing.as_mut() {
+            l.retain(|name, _| marked(name));
+        }
         let mut probes = self.probe_all(d, entries);
         // Changed entries of a directory whose destination is not open yet: open it now (they
         // are few, and the directory itself is probably still cached from the first pass).
@@ -222,6 +234,7 @@ impl Engine<'_> {
         let changed = self.dir_changed(node, sm);
         let mut cd = DirCtx::new(src.as_fd(), dst, Some((d, name)), false, changed);
         cd.node = node.filter(|n| !n.whole());
+        cd.under_temp_name = d.under_temp_name;
         cd.made_writable.set(made_writable);
         self.sync_dir(&cd);
         if cd.needs_meta() {
@@ -303,7 +316,8 @@ impl Engine<'_> {
         self.stats.dirs_created += 1;
         let dst_len = push_rel(&mut self.dst_rel, &dname);
         let dst = OnceCell::from(dst);
-        let cd = DirCtx::new(src.as_fd(), &dst, Some((d, &dname)), true, true);
+        let mut cd = DirCtx::new(src.as_fd(), &dst, Some((d, &dname)), true, true);
+        cd.under_temp_name = d.under_temp_name || !direct;
         self.sync_dir(&cd);
         self.finish_dir(&cd, sm);
         self.dst_rel.truncate(dst_len);
