@@ -742,12 +742,7 @@ fn tree_size_matches_du() {
 #[test]
 fn journaled_sync_writes_what_the_journal_marked_and_nothing_else() {
     use crate::journal::{ChangeJournal, Changes};
-    let t = tempfile::tempdir().unwrap();
-    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
-    fs::create_dir(&src).unwrap();
-    fs::create_dir(&dst).unwrap();
-    make_tree(&src);
-    sync_tree(&src, &dst, &durable()).unwrap();
+    let (_t, src, dst, _) = synced_pair(&durable());
     let journal = ChangeJournal::start(&src, 10_000).unwrap();
     for round in 0..3 {
         match round {
@@ -803,12 +798,7 @@ fn journaled_sync_writes_what_the_journal_marked_and_nothing_else() {
 #[test]
 fn journaled_sync_never_deletes_an_old_name_before_the_new_one_exists() {
     use crate::journal::{ChangeJournal, Changes};
-    let t = tempfile::tempdir().unwrap();
-    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
-    fs::create_dir(&src).unwrap();
-    fs::create_dir(&dst).unwrap();
-    make_tree(&src);
-    sync_tree(&src, &dst, &durable()).unwrap();
+    let (_t, src, dst, _) = synced_pair(&durable());
     let journal = ChangeJournal::start(&src, 10_000).unwrap();
     // In the period: something new in `a`, so `a`'s listing is marked.
     write(&src.join("a/new"), b"new");
