@@ -16,7 +16,7 @@ use crate::fsio::{
 };
 
 use super::helpers::open_root;
-use super::prefetch::{Prefetch, PREFETCH_THREADS};
+use super::prefetch::Prefetch;
 use super::{cerr, CopyError, CopyStats};
 
 /// Like `cp -al`: recreates the directories of `src` (with their metadata) at `dst` and
@@ -60,11 +60,7 @@ pub fn hardlink_clone(src: &Path, dst: &Path) -> Result<CopyStats, CopyError> {
         dst: dst.to_path_buf(),
     };
     // The walk waits on one cold metadata read after another: keep several in flight ahead.
-    let prefetch = Prefetch::start(sfd.as_fd(), PREFETCH_THREADS);
-    let cloned = c.clone_dir(sfd.as_fd(), dfd.as_fd());
-    if let Some(p) = prefetch {
-        p.stop();
-    }
+    let cloned = Prefetch::around(sfd.as_fd(), || c.clone_dir(sfd.as_fd(), dfd.as_fd()));
     cloned?;
     c.dir_meta(sfd.as_fd(), dfd.as_fd(), &sm)?;
     rfs::syncfs(&dfd).map_err(|e| cerr("syncfs", dst.to_path_buf(), e))?;

@@ -1,4 +1,4 @@
-//! Prefetch threads that warm the destination's metadata ahead of a full comparison, so that
+//! Prefetch threads that warm a tree's metadata (the disk side) ahead of a walk, so that
 //! the walk mostly finds listings and inodes cached instead of waiting on one disk read after
 //! another. They only read.
 
@@ -58,6 +58,16 @@ impl Prefetch {
             })
             .collect();
         Some(Prefetch { shared, threads })
+    }
+
+    /// Runs `walk` (a walk of the tree at `root`) with prefetch threads reading ahead of it.
+    pub(super) fn around<T>(root: BorrowedFd<'_>, walk: impl FnOnce() -> T) -> T {
+        let prefetch = Prefetch::start(root, PREFETCH_THREADS);
+        let out = walk();
+        if let Some(p) = prefetch {
+            p.stop();
+        }
+        out
     }
 
     pub(super) fn stop(self) {

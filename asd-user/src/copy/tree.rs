@@ -14,7 +14,7 @@ use tracing::debug;
 use crate::fsio::{fstat, is_temp_name, list_dir, lstat_at, remove_tree, Meta, DIR_FLAGS};
 
 use super::helpers::open_root;
-use super::prefetch::{Prefetch, PREFETCH_THREADS};
+use super::prefetch::Prefetch;
 use super::{cerr, CopyError};
 
 // ---------------------------------------------------------------------------------------------
@@ -157,16 +157,14 @@ pub fn find_hardlinked_files(
         Ok(Visit::Descend)
     };
     // The walk waits on one cold metadata read after another: keep several in flight ahead.
-    let prefetch = Prefetch::start(fd.as_fd(), PREFETCH_THREADS);
-    let walked = walk(
-        fd.as_fd(),
-        &mut root.to_path_buf(),
-        &mut Vec::new(),
-        &mut visit,
-    );
-    if let Some(p) = prefetch {
-        p.stop();
-    }
+    let walked = Prefetch::around(fd.as_fd(), || {
+        walk(
+            fd.as_fd(),
+            &mut root.to_path_buf(),
+            &mut Vec::new(),
+            &mut visit,
+        )
+    });
     walked?;
     Ok(found)
 }
