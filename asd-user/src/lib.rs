@@ -20,6 +20,7 @@ pub mod paths;
 pub mod plan;
 pub mod preview;
 pub mod recover;
+pub mod remove;
 pub mod snapshot;
 pub mod state;
 pub mod style;

@@ -301,7 +301,9 @@ fn execute(job: &Job, fd: Option<OwnedFd>) -> Result<Output, String> {
                 .map(Output::Bytes)
                 .map_err(|x| e(&x))
         }
-        Job::Empty { path } => empty_dir(path).map(|_| Output::Done),
+        Job::Empty { path } => crate::remove::empty(path)
+            .map(|_| Output::Done)
+            .map_err(|x| e(&x)),
         Job::Remove { path } => remove_tree(path).map(|_| Output::Done),
         Job::Discard { path } => discard(path).map(|_| Output::Done),
         Job::Prune { path } => {
@@ -338,42 +340,6 @@ fn discard(path: &std::path::Path) -> Result<(), String> {
     remove_tree(&trash)
 }
 
-fn empty_dir(path: &std::path::Path) -> Result<(), String> {
-    // Never through a symlink planted at the path: only a real directory is emptied.
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.is_dir() => {}
-        Ok(_) => {
-            return Err(format!(
-                "{} is not a directory; leaving it alone",
-                path.display()
-            ))
-        }
-        Err(x) if x.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(x) => return Err(format!("stat {}: {x}", path.display())),
-    }
-    let entries = match std::fs::read_dir(path) {
-        Ok(e) => e,
-        Err(x) if x.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(x) => return Err(format!("read {}: {x}", path.display())),
-    };
-    for entry in entries {
-        let entry = entry.map_err(|x| format!("read {}: {x}", path.display()))?;
-        let p = entry.path();
-        let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
-        let r = if is_dir {
-            std::fs::remove_dir_all(&p)
-        } else {
-            std::fs::remove_file(&p)
-        };
-        match r {
-            Ok(()) => {}
-            Err(x) if x.kind() == std::io::ErrorKind::NotFound => {}
-            Err(x) => return Err(format!("remove {}: {x}", p.display())),
-        }
-    }
-    Ok(())
-}
-
 fn prune(dir: &std::path::Path) {
     if let Ok(entries) = std::fs::read_dir(dir) {
         for entry in entries.flatten() {
@@ -408,42 +374,11 @@ fn match_dir_meta(src: &std::path::Path, dst: &std::path::Path) -> Result<(), St
     .map_err(|e| format!("set times of {}: {e}", dst.display()))
 }
 
-/// Remove a tree we own. Directories without permissions (overlayfs leaves its `work/work` at
-/// mode 0000) are opened up first, without following symlinks.
+/// Remove a tree we own, with many unlinks in flight ([`crate::remove`]). Directories without
+/// permissions (overlayfs leaves its `work/work` at mode 0000) are opened up first, without
+/// following symlinks.
 fn remove_tree(path: &std::path::Path) -> Result<(), String> {
-    match std::fs::remove_dir_all(path) {
-        Ok(()) => return Ok(()),
-        Err(x) if x.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(x) if x.kind() != std::io::ErrorKind::PermissionDenied => {
-            return Err(format!("remove {}: {x}", path.display()))
-        }
-        Err(_) => {}
-    }
-    open_up(path);
-    match std::fs::remove_dir_all(path) {
-        Ok(()) => Ok(()),
-        Err(x) if x.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(x) => Err(format!("remove {}: {x}", path.display())),
-    }
-}
-
-fn open_up(dir: &std::path::Path) {
-    use std::os::unix::fs::PermissionsExt;
-    let Ok(meta) = std::fs::symlink_metadata(dir) else {
-        return;
-    };
-    if !meta.is_dir() {
-        return;
-    }
-    let _ = std::fs::set_permissions(
-        dir,
-        std::fs::Permissions::from_mode(meta.permissions().mode() | 0o700),
-    );
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-                open_up(&e.path());
-            }
-        }
-    }
+    crate::remove::tree(path)
+        .map(|_| ())
+        .map_err(|x| x.to_string())
 }
