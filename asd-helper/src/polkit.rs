@@ -1,10 +1,18 @@
 //! Authorization through polkit on the system bus (DESIGN.md §6 rule 4).
 //!
-//! The caller is a `unix-process` subject: the pid from SO_PEERCRED, its start time, and the uid
-//! from SO_PEERCRED. polkit compares the start time with /proc, and the helper checks through a
-//! pidfd (SO_PEERPIDFD) that the connecting process is still alive after polkit answered, so the
-//! pid cannot have been reused by another process during the check. (polkit 124+ also accepts the
-//! pidfd itself; Debian 12 ships polkit 122, which does not, so the pid form is used.)
+//! The caller is a `unix-process` subject that names the process which connected, in a way a
+//! reused pid cannot fake:
+//! - `pidfd`: a pidfd of that process (SO_PEERPIDFD; see [`crate::peer`]). polkit 124 and later
+//!   read the process from it, so the answer is about the caller and nothing else.
+//! - `pid`, `start-time`: what polkit before 124 (Debian 12 ships 122) reads instead; it ignores
+//!   the `pidfd` key. Both are read through the pidfd while it shows the caller alive, and the
+//!   helper checks again through the pidfd after polkit answered: if the caller was still alive
+//!   then, its pid named it for the whole check and cannot have been reused.
+//! - `uid`: from SO_PEERCRED (polkit 124 refuses a pidfd without it).
+//!
+//! zbus_polkit's `Subject` sends either a pidfd and uid (which polkit before 124 refuses: it
+//! needs `pid`) or pid, start time and uid (no pidfd), not both, so the subject is built here
+//! and sent through its `AuthorityProxy`.
 //!
 //! Without a system bus or polkitd, targets inside the caller's home are allowed and all others
 //! refused, and the log says that polkit was not reachable.
@@ -13,10 +21,13 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
-use asd_protocol::ServiceError;
-use zbus_polkit::policykit1::{AuthorityProxy, CheckAuthorizationFlags, Subject};
+use std::os::fd::AsFd;
 
-use crate::peer::{self, Peer};
+use asd_protocol::ServiceError;
+use zbus::{Fd, SerializeDict, Type};
+use zbus_polkit::policykit1::{AuthorityProxy, AuthorizationResult, CheckAuthorizationFlags};
+
+use crate::peer::{Peer, Process, ProcessError};
 
 pub const ACTION_HOME: &str = "io.asd.helper.sync-home";
 pub const ACTION_ELSEWHERE: &str = "io.asd.helper.sync-elsewhere";
@@ -72,40 +83,69 @@ fn unreachable(e: &zbus::Error) -> bool {
     }
 }
 
+/// The details of a `unix-process` subject, as polkit reads them (types included: `uid` is an
+/// `i32`, `pidfd` a handle into the message's descriptors).
+#[derive(Debug, SerializeDict, Type)]
+#[zbus(signature = "a{sv}")]
+pub struct UnixProcess<'a> {
+    pub pidfd: Fd<'a>,
+    pub pid: u32,
+    #[zbus(rename = "start-time")]
+    pub start_time: u64,
+    pub uid: i32,
+}
+
+/// The subject for the caller's process.
+pub fn subject<'a>(
+    process: Process,
+    pidfd: &'a impl AsFd,
+    uid: u32,
+) -> (&'static str, UnixProcess<'a>) {
+    (
+        "unix-process",
+        UnixProcess {
+            pidfd: Fd::from(pidfd.as_fd()),
+            pid: process.pid,
+            start_time: process.start_time,
+            // polkit reads uids as signed; a uid above i32::MAX is sent as it is on the wire.
+            uid: uid as i32,
+        },
+    )
+}
+
 async fn ask(peer: &Peer, action: &'static str, target: &Path) -> Result<bool, Failure> {
-    let pid = peer
-        .pid
-        .ok_or_else(|| Failure::Refused("the caller's pid is unknown".into()))?;
-    let start =
-        peer::start_time(pid).map_err(|e| Failure::Refused(format!("caller process: {e}")))?;
-    if peer.pidfd.is_some() && !peer.alive() {
-        return Err(Failure::Refused("the caller process has exited".into()));
-    }
+    let process = peer
+        .process()
+        .map_err(|e| Failure::Refused(e.to_string()))?;
+    let pidfd = peer
+        .pidfd
+        .as_ref()
+        .ok_or_else(|| Failure::Refused(ProcessError::NotPinned.to_string()))?;
     let conn = zbus::Connection::system()
         .await
         .map_err(|e| Failure::Unreachable(format!("system bus: {e}")))?;
     let proxy = AuthorityProxy::new(&conn)
         .await
         .map_err(|e| Failure::Unreachable(format!("polkit proxy: {e}")))?;
-    let subject = Subject::new_for_pid(pid, Some(start), Some(peer.uid))
-        .map_err(|e| Failure::Refused(format!("polkit subject: {e}")))?;
     let target = target.to_string_lossy();
     let user = peer.user.clone().unwrap_or_default();
     let mut details = HashMap::new();
     details.insert("target", target.as_ref());
     details.insert("user", user.as_str());
-    let result = proxy
-        .check_authorization(
-            &subject,
-            action,
-            &details,
-            CheckAuthorizationFlags::empty(),
-            "",
-        )
-        .await;
+    let body = (
+        subject(process, pidfd, peer.uid),
+        action,
+        &details,
+        CheckAuthorizationFlags::empty(),
+        "",
+    );
+    let result: zbus::Result<AuthorizationResult> =
+        proxy.inner().call("CheckAuthorization", &body).await;
     match result {
         Ok(r) => {
-            if peer.pidfd.is_some() && !peer.alive() {
+            // polkit before 124 looked the caller up by pid: that was the caller only if it
+            // has not exited since (a pid is freed, and can be reused, only after that).
+            if !peer.alive() {
                 return Err(Failure::Refused(
                     "the caller process exited during the check".into(),
                 ));

@@ -51,15 +51,34 @@ fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
 /// What this test started or installed, undone on drop (also when the test fails).
 #[derive(Default)]
 struct Services {
+    /// Held while the services are in use: the tests that start the one system bus and polkitd
+    /// (here and in other test processes) take turns.
+    _turn: Option<std::fs::File>,
     dbus_pid: Option<i32>,
     polkitd: Option<std::process::Child>,
     installed_policy: bool,
     files: Vec<PathBuf>,
 }
 
+/// An exclusive lock on a file in /run/lock, released when the file is closed.
+fn turn() -> std::fs::File {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open("/run/lock/asd-helper-polkit-tests.lock")
+        .unwrap();
+    // SAFETY: flock on a descriptor this function owns; integer arguments only.
+    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
+    assert_eq!(r, 0, "flock: {}", std::io::Error::last_os_error());
+    f
+}
+
 impl Services {
     fn up() -> Services {
         let mut s = Services::default();
+        s._turn = Some(turn());
         if !bus_up() {
             std::fs::create_dir_all("/run/dbus").unwrap();
             let _ = std::fs::remove_file("/run/dbus/pid");
@@ -309,4 +328,436 @@ fn without_polkit_home_is_allowed_and_elsewhere_refused() {
     before.check(&h);
     assert!(h.log_text().contains("polkit not reachable"));
     h.assert_serving();
+}
+
+// ---- the subject: the connecting process, not whoever has its pid ------------------------------
+
+/// A client that keeps its connection and does what the test writes to its stdin, one line at a
+/// time: `call METHOD JSON` (prints the reply), `fork` (the connecting process forks and exits;
+/// the child keeps the connection and goes on reading), `exit`. Its first line is its pid and
+/// start time (field 22 of /proc/PID/stat).
+const CLIENT: &str = r#"
+import json, os, socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(sys.argv[1])
+def out(line):
+    os.write(1, (line + "\n").encode())
+def line():
+    b = b""
+    while not b.endswith(b"\n"):
+        c = os.read(0, 1)
+        if not c:
+            os._exit(0)
+        b += c
+    return b.decode().split(maxsplit=2)
+def call(method, params):
+    s.sendall(json.dumps({"method": "io.asd.Helper." + method, "parameters": params}).encode() + b"\0")
+    buf = b""
+    while not buf.endswith(b"\0"):
+        c = s.recv(65536)
+        if not c:
+            break
+        buf += c
+    return buf.rstrip(b"\0").decode()
+me = os.getpid()
+out("%d %s" % (me, open("/proc/%d/stat" % me).read().rsplit(")", 1)[1].split()[19]))
+while True:
+    c = line()
+    if c[0] == "call":
+        out(call(c[1], json.loads(c[2])))
+    elif c[0] == "fork":
+        if os.fork() != 0:
+            os._exit(0)
+    else:
+        os._exit(0)
+"#;
+
+struct Client {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+    pid: u32,
+    start_time: u64,
+}
+
+impl Client {
+    fn connect(user: &User, sock: &Path) -> Client {
+        let mut cmd = as_user(user, PYTHON);
+        cmd.arg("-c")
+            .arg(CLIENT)
+            .arg(sock)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped());
+        let mut child = cmd.spawn().expect("python3");
+        let stdin = child.stdin.take().unwrap();
+        let mut lines =
+            std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
+        let first = lines.next().expect("the client's pid").unwrap();
+        let (pid, start) = first.split_once(' ').unwrap();
+        Client {
+            child,
+            stdin,
+            lines,
+            pid: pid.parse().unwrap(),
+            start_time: start.parse().unwrap(),
+        }
+    }
+
+    fn send(&mut self, line: &str) {
+        use std::io::Write;
+        writeln!(self.stdin, "{line}").unwrap();
+        self.stdin.flush().unwrap();
+    }
+
+    fn call(&mut self, method: &str, params: serde_json::Value) -> serde_json::Value {
+        self.send(&format!("call {method} {params}"));
+        let reply = self.lines.next().expect("a reply").unwrap();
+        serde_json::from_str(&reply).unwrap_or_else(|_| panic!("{method}: {reply}"))
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.send("exit");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `dbus-monitor --system` watching polkit's CheckAuthorization calls (an independent view of
+/// what the helper sends).
+struct Monitor {
+    child: std::process::Child,
+    out: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Monitor {
+    fn start() -> Monitor {
+        let mut child = Command::new("dbus-monitor")
+            .args([
+                "--system",
+                "type='method_call',interface='org.freedesktop.PolicyKit1.Authority',member='CheckAuthorization'",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("dbus-monitor");
+        let out = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let mut stdout = child.stdout.take().unwrap();
+        let sink = out.clone();
+        std::thread::spawn(move || {
+            use std::io::Read;
+            let mut buf = [0u8; 8192];
+            while let Ok(n) = stdout.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        let m = Monitor { child, out };
+        // It is listening once the bus has told it its name.
+        wait_for("dbus-monitor", 10, || m.text().contains("NameLost"));
+        m
+    }
+
+    fn text(&self) -> String {
+        self.out.lock().unwrap().clone()
+    }
+
+    /// The subjects of the CheckAuthorization calls seen so far: each a map from a detail's name
+    /// to its type and value as dbus-monitor prints them (`uint32 1234`, `unix fd`, ...).
+    fn subjects(&self) -> Vec<std::collections::BTreeMap<String, String>> {
+        let text = self.text();
+        let mut found = vec![];
+        for call in text.split("method call ").skip(1) {
+            if !call.contains("member=CheckAuthorization") || !call.contains("\"unix-process\"") {
+                continue;
+            }
+            let lines: Vec<&str> = call.lines().collect();
+            let mut details = std::collections::BTreeMap::new();
+            for (i, l) in lines.iter().enumerate() {
+                let l = l.trim();
+                let Some(key) = l
+                    .strip_prefix("string \"")
+                    .and_then(|k| k.strip_suffix('"'))
+                else {
+                    continue;
+                };
+                if !["pid", "start-time", "uid", "pidfd"].contains(&key) {
+                    continue;
+                }
+                // The value follows on the next line: `variant TYPE VALUE`; a descriptor is
+                // `variant file descriptor` with its `inode: N` on the line after.
+                let Some(v) = lines
+                    .get(i + 1)
+                    .and_then(|v| v.trim().strip_prefix("variant"))
+                else {
+                    continue;
+                };
+                let mut v = v.trim().to_string();
+                if v == "file descriptor" {
+                    if let Some(ino) = lines
+                        .get(i + 2)
+                        .and_then(|l| l.trim().strip_prefix("inode:"))
+                    {
+                        v = format!("file descriptor {}", ino.trim());
+                    }
+                }
+                details.insert(key.to_string(), v);
+            }
+            found.push(details);
+        }
+        found
+    }
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The process polkit is asked about is the connecting one: its pid and start time, its uid
+/// (from SO_PEERCRED), and a pidfd of it, which polkit 124 and later read instead of the pid.
+#[test]
+fn polkit_is_asked_about_the_connecting_process() {
+    if !root_or_skip("polkit_is_asked_about_the_connecting_process") {
+        return;
+    }
+    let alice = user("alice");
+    let _services = Services::up();
+    let h = Helper::start_with(HelperOpts {
+        env: vec![],
+        ..HelperOpts::default()
+    });
+    let vol = volatile();
+    h.ok(&alice, "PrepareArea", json!({"volatile": vol.path}));
+    let (_g, alice_srv) = srv_dir(Path::new("/srv"), &alice, "subject");
+    let monitor = Monitor::start();
+    let mut c = Client::connect(&alice, &h.sock);
+    let r = c.call("BindBackup", json!({"target": alice_srv, "mode": "copy"}));
+    assert_eq!(r["error"], "io.asd.Helper.NotAuthorized", "{r}");
+    // polkitd decided (auth_admin: a challenge), about this process.
+    let reason = r["parameters"]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("requires authentication"), "{r}");
+    wait_for("the CheckAuthorization call in dbus-monitor", 10, || {
+        !monitor.subjects().is_empty()
+    });
+    let subjects = monitor.subjects();
+    assert_eq!(subjects.len(), 1, "{}", monitor.text());
+    let s = &subjects[0];
+    assert_eq!(
+        s.get("pid").map(String::as_str),
+        Some(&*format!("uint32 {}", c.pid)),
+        "{s:?}"
+    );
+    assert_eq!(
+        s.get("start-time").map(String::as_str),
+        Some(&*format!("uint64 {}", c.start_time)),
+        "{s:?}"
+    );
+    assert_eq!(
+        s.get("uid").map(String::as_str),
+        Some(&*format!("int32 {}", alice.uid)),
+        "{s:?}"
+    );
+    // The pidfd travels as a descriptor (D-Bus type 'h'), which is what polkit looks up; it is
+    // a pidfd of the client: since Linux 6.9 (pidfs) every pidfd of one process has that
+    // process's inode number (before, all pidfds share one anonymous inode).
+    let pidfd = s
+        .get("pidfd")
+        .unwrap_or_else(|| panic!("no pidfd in {s:?}\n{}", monitor.text()));
+    let own = rustix::process::pidfd_open(
+        rustix::process::Pid::from_raw(c.pid as i32).unwrap(),
+        rustix::process::PidfdFlags::empty(),
+    )
+    .unwrap();
+    let ino = rustix::fs::fstat(&own).unwrap().st_ino;
+    assert_eq!(pidfd, &format!("file descriptor {ino}"), "{s:?}");
+    assert!(h.mounts_under(Path::new("/srv")).is_empty());
+}
+
+/// Starts `sleep 60` with exactly the pid `pid` (clone3 with set_tid, which root may use).
+/// `None` if that pid is taken (another process got it first: a reuse all the same).
+fn spawn_with_pid(pid: u32) -> Option<u32> {
+    #[repr(C)]
+    #[derive(Default)]
+    struct CloneArgs {
+        flags: u64,
+        pidfd: u64,
+        child_tid: u64,
+        parent_tid: u64,
+        exit_signal: u64,
+        stack: u64,
+        stack_size: u64,
+        tls: u64,
+        set_tid: u64,
+        set_tid_size: u64,
+        cgroup: u64,
+    }
+    // Everything the child needs is made before the clone: after it, only exec and _exit.
+    let prog = std::ffi::CString::new("/bin/sleep").unwrap();
+    let arg = std::ffi::CString::new("60").unwrap();
+    let argv = [prog.as_ptr(), arg.as_ptr(), std::ptr::null()];
+    let tid = [pid as libc::pid_t];
+    let args = CloneArgs {
+        exit_signal: libc::SIGCHLD as u64,
+        set_tid: tid.as_ptr() as u64,
+        set_tid_size: 1,
+        ..CloneArgs::default()
+    };
+    // SAFETY: clone3 with a valid, fully initialised clone_args of the size passed; the child
+    // (r == 0) only calls execv with pointers made above and _exit, both async-signal-safe.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &args as *const CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    if r == 0 {
+        // SAFETY: see above.
+        unsafe {
+            libc::execv(prog.as_ptr(), argv.as_ptr());
+            libc::_exit(127);
+        }
+    }
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        assert_eq!(e.raw_os_error(), Some(libc::EEXIST), "clone3: {e}");
+        return None;
+    }
+    Some(r as u32)
+}
+
+fn start_time_of(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
+}
+
+/// `pkcheck` (as root) on `pid`: whether polkit authorizes whoever has that pid now.
+fn pkcheck(action: &str, pid: u32, start: u64, uid: u32) -> bool {
+    Command::new("pkcheck")
+        .args(["--action-id", action, "--process"])
+        .arg(format!("{pid},{start},{uid}"))
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// A caller whose connecting process exits (its connection kept by a child) and whose pid is
+/// then reused: a request on that connection is not authorized as the new process, even though
+/// polkit would authorize the process that now has the pid (a rule that allows that pid).
+#[test]
+fn a_reused_pid_is_not_authorized_as_the_caller() {
+    if !root_or_skip("a_reused_pid_is_not_authorized_as_the_caller") {
+        return;
+    }
+    let alice = user("alice");
+    let mut services = Services::up();
+    let h = Helper::start_with(HelperOpts {
+        env: vec![],
+        ..HelperOpts::default()
+    });
+    let vol = volatile();
+    h.ok(&alice, "PrepareArea", json!({"volatile": vol.path}));
+    let srv = Path::new("/srv");
+    let (_g1, first) = srv_dir(srv, &alice, "reuse-a");
+    let (_g2, second) = srv_dir(srv, &alice, "reuse-b");
+    // Should the helper wrongly make a backup dir, it goes with the test.
+    let _b: Vec<Scratch> = [&first, &second]
+        .iter()
+        .map(|t| {
+            let name = t.file_name().unwrap().to_string_lossy();
+            Scratch::at(srv.join(format!(".{name}-backup_asd")))
+        })
+        .collect();
+    let mut c = Client::connect(&alice, &h.sock);
+    let pid = c.pid;
+    // polkit allows io.asd.helper.sync-elsewhere to whatever process has this pid.
+    services.add_rules(
+        &format!("47-asd-helper-test-pid-{}.rules", std::process::id()),
+        &format!(
+            r#"polkit.addRule(function(action, subject) {{
+    if (action.id == "io.asd.helper.sync-elsewhere" && subject.pid == {pid}) {{
+        return polkit.Result.YES;
+    }}
+}});
+"#
+        ),
+    );
+    wait_for("the rules file", 20, || {
+        pkcheck("io.asd.helper.sync-elsewhere", pid, c.start_time, alice.uid)
+    });
+
+    // While the connecting process lives, its requests are allowed: the rule works.
+    let r = c.call("BindBackup", json!({"target": first, "mode": "copy"}));
+    assert!(r.get("error").is_none(), "{r}\n{}", h.log_text());
+    let r = c.call("Detach", json!({"target": first}));
+    assert!(r.get("error").is_none(), "{r}");
+
+    // The connecting process forks and exits; its child keeps the connection. Once it is
+    // reaped its pid is free, and is given to a new process, which polkit would allow.
+    c.send("fork");
+    let st = c.child.wait().unwrap();
+    assert!(st.success(), "{st}");
+    let reused = spawn_with_pid(pid);
+    let _reaper = Reaper(reused);
+    match reused {
+        Some(p) => assert_eq!(p, pid),
+        None => eprintln!("pid {pid} was taken by another process before the test's"),
+    }
+    let new_start = start_time_of(pid);
+    if let Some(new_start) = new_start {
+        assert_ne!(new_start, c.start_time);
+        assert!(
+            pkcheck("io.asd.helper.sync-elsewhere", pid, new_start, alice.uid),
+            "polkit does not allow the new process with pid {pid}: the test proves nothing"
+        );
+    }
+
+    // The child asks on the connection: refused, the caller has exited.
+    let monitor = Monitor::start();
+    let r = c.call("BindBackup", json!({"target": second, "mode": "copy"}));
+    assert_eq!(
+        r["error"],
+        "io.asd.Helper.NotAuthorized",
+        "{r}\n{}",
+        h.log_text()
+    );
+    let reason = r["parameters"]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("exited"), "{r}");
+    assert!(h.mounts_under(srv).is_empty(), "{:?}", h.mounts_under(srv));
+    // polkit was not asked about the new process.
+    std::thread::sleep(Duration::from_millis(300));
+    for s in monitor.subjects() {
+        assert_ne!(
+            s.get("pid").map(String::as_str),
+            Some(&*format!("uint32 {pid}")),
+            "polkit was asked about pid {pid} after the caller exited: {s:?}"
+        );
+    }
+}
+
+/// Kills and reaps the process the test started with a chosen pid.
+struct Reaper(Option<u32>);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            // SAFETY: kill and waitpid on the test's own child, integer arguments only.
+            unsafe {
+                libc::kill(pid as libc::pid_t, libc::SIGKILL);
+                libc::waitpid(pid as libc::pid_t, std::ptr::null_mut(), 0);
+            }
+        }
+    }
 }
