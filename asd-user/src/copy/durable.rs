@@ -94,6 +94,26 @@ impl Engine<'_> {
                 return Err(e);
             }
         }
+        // Between phases 2 and 3: the destination's logs of databases about to be replaced
+        // (see `super::databases`), durably gone before the new copies are renamed in.
+        let early = std::mem::take(&mut self.early_deletions);
+        let mut removed = 0;
+        for (i, name) in &early {
+            let Some(dir) = self.deferred_dir(root, &mut dirs, *i) else {
+                continue;
+            };
+            match remove_entry(dir, name, &mut self.dirbuf) {
+                Ok(n) => removed += n,
+                Err(e) => {
+                    let p = path(&dirs, *i, Some(name));
+                    self.fail(cerr("remove", p, e));
+                }
+            }
+        }
+        if removed > 0 {
+            self.stats.deleted += removed;
+            self.syncfs_all()?;
+        }
         // Phase 3: renames.
         let crash_at = crash_point();
         for (n, job) in renames.iter().enumerate() {

@@ -138,6 +138,22 @@ pub(super) struct Engine<'a> {
     pub(super) cutoff: Option<Timestamp>,
     /// [`CTIME_MARGIN_MS`]; tests set 0 so as not to wait for it.
     pub(super) margin: i64,
+    /// Write-backs copy each SQLite database as one consistent state (see [`super::sqlite`]).
+    pub(super) databases: Option<Databases>,
+    /// Durable mode: destination entries removed after the temporary files are durable and
+    /// before any rename (an old log beside a database renamed into place would be replayed
+    /// into it).
+    pub(super) early_deletions: Vec<(usize, CString)>,
+}
+
+/// How a write-back treats the SQLite databases it meets (see [`super::databases`]).
+pub(super) struct Databases {
+    /// The source as the program sees it, if not the source itself: overlay mode's merged
+    /// directory (the upper layer's files are other inodes to the kernel's locks).
+    pub(super) view: Option<OwnedFd>,
+    /// The destination is an upper layer: a database's companions there are whiteouts (hiding
+    /// the lower layer's) rather than absent.
+    pub(super) layer: bool,
 }
 
 impl<'a> Engine<'a> {
@@ -178,6 +194,12 @@ impl<'a> Engine<'a> {
             journal: None,
             cutoff: None,
             margin: CTIME_MARGIN_MS,
+            // Only write-backs: the disk side is never live.
+            databases: (opts.durable && super::sqlite::enabled()).then_some(Databases {
+                view: None,
+                layer: false,
+            }),
+            early_deletions: Vec::new(),
         }
     }
 

@@ -12,7 +12,9 @@ use std::sync::Arc;
 use rustix::fs::{self as rfs, AtFlags, FileType, Mode, OFlags};
 use rustix::io::Errno;
 
-use crate::fsio::{copy_data, fstat, mode, read_xattrs, wanted_xattr, Meta, XRef, FILE_FLAGS};
+use crate::fsio::{
+    copy_data, fstat, mode, read_xattrs, wanted_xattr, Meta, XRef, Xattrs, FILE_FLAGS,
+};
 
 use super::policy::Policy;
 use super::{cerr, CopyError};
@@ -66,15 +68,28 @@ impl FileCopier {
         }
         let sx =
             read_xattrs(XRef::Fd(src.as_fd()), wanted_xattr).map_err(|e| ("listxattr", true, e))?;
+        self.set_meta(out, sm, &om, &sx)?;
+        Ok(n)
+    }
+
+    /// The metadata of `out`, a file just written whose stat is `om`: the source's xattrs
+    /// `sx`, then owner, mode, then times (last: everything before may touch them).
+    pub(super) fn set_meta(
+        &mut self,
+        out: &OwnedFd,
+        sm: &Meta,
+        om: &Meta,
+        sx: &Xattrs,
+    ) -> Result<(), (&'static str, bool, Errno)> {
         // A new file can inherit a default ACL from its directory.
         let dx = read_xattrs(XRef::Fd(out.as_fd()), wanted_xattr)
             .map_err(|e| ("listxattr", false, e))?;
-        if sx != dx {
+        if *sx != dx {
             self.policy
-                .apply_xattrs(XRef::Fd(out.as_fd()), &sx, &dx)
+                .apply_xattrs(XRef::Fd(out.as_fd()), sx, &dx)
                 .map_err(|e| ("setxattr", false, e))?;
         }
-        let (uid, gid) = self.policy.ids.change(sm, &om);
+        let (uid, gid) = self.policy.ids.change(sm, om);
         if uid.is_some() || gid.is_some() {
             let r = rfs::fchown(out, uid, gid);
             self.policy
@@ -84,8 +99,7 @@ impl FileCopier {
         if sm.perm != om.perm || uid.is_some() || gid.is_some() {
             rfs::fchmod(out, mode(sm.perm)).map_err(|e| ("chmod", false, e))?;
         }
-        rfs::futimens(out, &sm.times()).map_err(|e| ("utimens", false, e))?;
-        Ok(n)
+        rfs::futimens(out, &sm.times()).map_err(|e| ("utimens", false, e))
     }
 
     /// Copies the regular file `name` of `src` to a new file of that name in `dst` (which must

@@ -45,6 +45,7 @@
 //! Entries whose source could not be read are never deleted from the destination.
 
 mod clone;
+mod databases;
 mod durable;
 mod engine;
 mod file;
@@ -55,6 +56,7 @@ mod pool;
 mod prefetch;
 mod probe;
 mod scout;
+pub(crate) mod sqlite;
 mod tree;
 mod walk;
 mod write;
@@ -182,6 +184,12 @@ pub struct CopyStats {
     /// Entries found unchanged: examined, or (with `changed_since`) by their ctime alone.
     /// Directories are not counted.
     pub unchanged: u64,
+    /// SQLite databases written as one consistent state each (also counted in `files_copied`).
+    #[serde(default)]
+    pub databases: u64,
+    /// The longest a lock on a live database was held while it was copied, in microseconds.
+    #[serde(default)]
+    pub db_lock_us: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -221,6 +229,27 @@ pub fn sync_tree_journaled(
 ) -> Result<CopyStats, CopyError> {
     let mut engine = Engine::new(src, dst, opts, None);
     engine.journal = Some(changes);
+    engine.run()
+}
+
+/// [`sync_tree`] into an overlay's upper layer (`dst`) from another one (`src`): the same,
+/// except for SQLite databases, whose companions become whiteouts there (see
+/// [`sqlite`]). `view` is the overlay's merged directory while it is mounted: databases are
+/// read there, where the program works and its locks are.
+pub fn sync_tree_layer(
+    src: &Path,
+    dst: &Path,
+    opts: &CopyOptions,
+    view: Option<&Path>,
+) -> Result<CopyStats, CopyError> {
+    let mut engine = Engine::new(src, dst, opts, None);
+    if let Some(db) = engine.databases.as_mut() {
+        db.layer = true;
+        db.view = match view {
+            Some(v) => Some(helpers::open_root(v)?),
+            None => None,
+        };
+    }
     engine.run()
 }
 

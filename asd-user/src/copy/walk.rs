@@ -107,6 +107,8 @@ impl Engine<'_> {
                 Err(e) => self.fail(e),
             }
         }
+        // Databases are compared and written as a whole, apart from the other entries.
+        let databases = self.take_databases(d, &mut probes, listing.as_mut());
         let mut subdirs = Vec::new();
         for p in probes {
             let name = p.name;
@@ -148,6 +150,9 @@ impl Engine<'_> {
                 }
                 _ => debug!(path = ?self.src_path(Some(&name)), "skipping socket"),
             }
+        }
+        for unit in databases {
+            self.sync_database(d, unit);
         }
         for (name, sm, dm, unchanged) in subdirs {
             self.sync_subdir(d, &name, &sm, dm.as_ref(), unchanged);

@@ -11,7 +11,7 @@ use rustix::fs::{self as rfs, AtFlags, FileType, Mode, RenameFlags, XattrFlags};
 use rustix::io::Errno;
 use tracing::{debug, warn};
 
-use crate::copy::CopyStats;
+use crate::copy::{sqlite, CopyStats};
 use crate::fsio::{
     chmod_nofollow, copy_data, crash_point, fstat, is_temp_name, is_user_xattr, list_dir, lstat_at,
     mode, open_dir_at, read_xattrs, remove_entry, remove_tree, wanted_xattr, Ids, Meta, XRef,
@@ -143,6 +143,7 @@ fn apply_layer(
         dirs: Vec::new(),
         renames: Vec::new(),
         deletions: Vec::new(),
+        early_deletions: Vec::new(),
         dir_jobs: Vec::new(),
         sync_fds: Vec::new(),
         chown_denied: 0,
@@ -203,6 +204,8 @@ struct Applier<'a> {
     dirs: Vec<Slot>,
     renames: Vec<Rename>,
     deletions: Vec<(usize, CString)>,
+    /// Logs of databases this layer replaces: deleted before the renames (see `whiteout`).
+    early_deletions: Vec<(usize, CString)>,
     dir_jobs: Vec<DirJob>,
     /// One descriptor per destination filesystem, for syncfs.
     sync_fds: Vec<(u64, OwnedFd)>,
@@ -374,7 +377,15 @@ impl Applier<'_> {
     /// directory being built there is nothing to delete.
     fn whiteout(&mut self, ctx: &Ctx<'_>, name: &CStr) {
         if let Some(slot) = ctx.slot {
-            self.deletions.push((slot, name.to_owned()));
+            // The log of a database this layer writes anew (see `copy::sqlite`) goes before the
+            // new copy is renamed in: an old log beside it would be replayed into it.
+            let log_of_new_db = sqlite::enabled()
+                && sqlite::base_of(name).is_some_and(|b| sqlite::is_database(ctx.c, &b));
+            if log_of_new_db {
+                self.early_deletions.push((slot, name.to_owned()));
+            } else {
+                self.deletions.push((slot, name.to_owned()));
+            }
         }
     }
 
@@ -785,6 +796,28 @@ impl Applier<'_> {
                 }
                 return Err(e);
             }
+        }
+        // Between phases 2 and 3: the logs of databases about to be replaced, durably gone
+        // before their new copies are renamed in.
+        let early = std::mem::take(&mut self.early_deletions);
+        let mut removed = 0;
+        for (i, name) in &early {
+            crash.check();
+            let dir = match slot_fd(root, &mut dirs, *i) {
+                Ok(d) => d,
+                Err(e) => {
+                    self.fail(oerr("open", path(&dirs, *i, None), e));
+                    continue;
+                }
+            };
+            match remove_entry(dir, name, &mut self.dirbuf) {
+                Ok(n) => removed += n,
+                Err(e) => self.fail(oerr("remove", path(&dirs, *i, Some(name)), e)),
+            }
+        }
+        if removed > 0 {
+            self.stats.deleted += removed;
+            self.syncfs_all()?;
         }
         // Phase 3: renames.
         for r in &renames {

@@ -18,7 +18,7 @@ use rustix::fs::{self as rfs, AtFlags, FileType, Mode, RenameFlags, XattrFlags};
 use rustix::io::Errno;
 use tracing::{debug, warn};
 
-use crate::copy::{CopyStats, Timestamp, CTIME_MARGIN_MS};
+use crate::copy::{sqlite, CopyStats, Timestamp, CTIME_MARGIN_MS};
 use crate::fsio::{
     chmod_nofollow, copy_data, crash_point, fstat, is_temp_name, is_user_xattr, list_dir, lstat_at,
     mode, read_xattrs, remove_tree, wanted_xattr, Ids, Meta, XRef, Xattrs, DIR_FLAGS, FILE_FLAGS,
@@ -40,6 +40,9 @@ pub(super) struct Ctx<'a> {
     pub(super) parent: BorrowedFd<'a>,
     pub(super) parent_path: &'a Path,
     pub(super) temp_name: &'a CStr,
+    /// The overlay's merged directory while it is mounted: databases are read there, where
+    /// the program works (see [`crate::copy::sqlite`]).
+    pub(super) view: Option<BorrowedFd<'a>>,
 }
 
 pub(super) enum Built {
@@ -68,9 +71,16 @@ pub(super) fn build(ctx: &Ctx<'_>, state: &State, now: Timestamp) -> Result<Buil
         .map_err(|e| oerr("open", tmp.clone(), e))
         .and_then(|out| {
             check_whiteouts(out.as_fd(), &tmp)?;
+            let view = match ctx.view.map(|v| v.try_clone_to_owned()) {
+                Some(Ok(v)) => Some(v),
+                Some(Err(e)) => return Err(oerr("dup", ctx.upper.to_path_buf(), e)),
+                None => None,
+            };
             let mut w = Walker {
                 upper: ctx.upper,
                 changes: ctx.changes,
+                delta: tmp.clone(),
+                view,
                 cutoff: minus_ms(state.last_cutoff(), CTIME_MARGIN_MS),
                 layer_roots,
                 frames: Vec::new(),
@@ -230,6 +240,10 @@ struct OutDir {
 struct Walker<'a> {
     upper: &'a Path,
     changes: &'a Path,
+    /// Where the delta is built (messages only).
+    delta: PathBuf,
+    /// The merged directory's root (see [`Ctx::view`]).
+    view: Option<OwnedFd>,
     cutoff: Timestamp,
     /// The state's layers, the most recent first.
     layer_roots: Vec<OwnedFd>,
@@ -312,21 +326,29 @@ impl Walker<'_> {
         if changed {
             self.whiteout_missing(d, &names)?;
         }
-        for name in &names {
+        let mut entries = Vec::with_capacity(names.len());
+        for name in names {
+            match lstat_at(self.frames[d].fd.as_fd(), &name) {
+                Ok(m) => entries.push((name, m)),
+                Err(Errno::NOENT) => self.c.stats.vanished += 1,
+                Err(e) => return Err(self.uerr("lstat", Some(&name), e)),
+            }
+        }
+        // Databases (main file and companions) are compared and written as a whole.
+        let databases = self.databases(d, &entries);
+        for (name, m) in &entries {
             if self.doubt.is_some() {
                 return Ok(());
             }
-            let m = match lstat_at(self.frames[d].fd.as_fd(), name) {
-                Ok(m) => m,
-                Err(Errno::NOENT) => {
-                    self.c.stats.vanished += 1;
-                    continue;
-                }
-                Err(e) => return Err(self.uerr("lstat", Some(name), e)),
-            };
+            if databases
+                .iter()
+                .any(|b| b == name || sqlite::is_companion_of(name, b))
+            {
+                continue;
+            }
             let recent = m.ctime >= self.cutoff;
             if m.kind == FileType::Directory {
-                self.dir_entry(d, name, &m, recent)?;
+                self.dir_entry(d, name, m, recent)?;
             } else if recent {
                 let Some(out) = self.ensure_out(d)? else {
                     return Ok(());
@@ -335,7 +357,7 @@ impl Walker<'_> {
                 self.c.copy_node(
                     self.frames[d].fd.as_fd(),
                     name,
-                    &m,
+                    m,
                     self.outs[out].fd.as_fd(),
                     &src,
                 )?;
@@ -343,7 +365,185 @@ impl Walker<'_> {
                 self.c.stats.unchanged += 1;
             }
         }
+        for base in &databases {
+            if self.doubt.is_some() {
+                return Ok(());
+            }
+            self.database(d, base, &entries)?;
+        }
         Ok(())
+    }
+
+    /// The SQLite databases among `entries` of directory `d`: the main file of a companion
+    /// name, or a regular file changed since the cutoff (it may get a journal any moment), that
+    /// holds a database. Their companions that are directories stay ordinary entries.
+    fn databases(&self, d: usize, entries: &[(CString, Meta)]) -> Vec<CString> {
+        if !sqlite::enabled() {
+            return Vec::new();
+        }
+        let dir = self.frames[d].fd.as_fd();
+        let regular = |name: &CStr| {
+            entries
+                .binary_search_by(|(n, _)| n.as_c_str().cmp(name))
+                .is_ok_and(|i| entries[i].1.kind == FileType::RegularFile)
+        };
+        let mut bases: Vec<CString> = entries
+            .iter()
+            .filter_map(|(n, m)| match sqlite::base_of(n) {
+                Some(b) if m.kind != FileType::Directory => Some(b),
+                None if m.kind == FileType::RegularFile && m.ctime >= self.cutoff => {
+                    Some(n.clone())
+                }
+                _ => None,
+            })
+            .collect();
+        bases.sort();
+        bases.dedup();
+        bases.retain(|b| regular(b) && sqlite::is_database(dir, b));
+        bases
+    }
+
+    /// Database `base` of directory `d`: if it or a companion changed since the cutoff, one
+    /// consistent copy of it (see [`crate::copy::sqlite`]) goes into the delta, with whiteouts
+    /// for its companions, which hide any the original has (an old log beside the new copy
+    /// would be replayed into it).
+    fn database(
+        &mut self,
+        d: usize,
+        base: &CStr,
+        entries: &[(CString, Meta)],
+    ) -> Result<(), OverlayError> {
+        let members: Vec<&(CString, Meta)> = entries
+            .iter()
+            .filter(|(n, m)| {
+                n.as_c_str() == base
+                    || (sqlite::is_companion_of(n, base) && m.kind != FileType::Directory)
+            })
+            .collect();
+        if members.iter().all(|(_, m)| m.ctime < self.cutoff) {
+            self.c.stats.unchanged += 1;
+            return Ok(());
+        }
+        let Some(out) = self.ensure_out(d)? else {
+            return Ok(());
+        };
+        let src = self.upath(Some(base));
+        let view = self.view_dir(d);
+        let sdir = view
+            .as_ref()
+            .map_or(self.frames[d].fd.as_fd(), |v| v.as_fd());
+        let odir = self.outs[out].fd.as_fd();
+        let out_dir = self.delta_path();
+        let file = rfs::openat(odir, base, NEW_FILE_FLAGS, mode(0o600))
+            .map_err(|e| oerr("create (in the delta)", src.clone(), e))?;
+        let taken = sqlite::snapshot(
+            &sqlite::Source {
+                dir: sdir,
+                name: base,
+                path: src.clone(),
+                lock: true,
+            },
+            &sqlite::Dest {
+                dir: odir,
+                tmp: base,
+                out: file.as_fd(),
+                path: &out_dir,
+            },
+        );
+        let unlink = || {
+            let _ = rfs::unlinkat(odir, base, AtFlags::empty());
+        };
+        let s = match taken {
+            Ok(sqlite::Taken::Copy(s)) => s,
+            Ok(sqlite::Taken::NotDatabase) => {
+                drop(file);
+                unlink();
+                let upper = self.frames[d].fd.as_fd();
+                for (n, m) in members {
+                    if m.ctime >= self.cutoff {
+                        let p = self.upath(Some(n));
+                        self.c.copy_node(upper, n, m, odir, &p)?;
+                    }
+                }
+                return Ok(());
+            }
+            Ok(sqlite::Taken::Vanished) => {
+                drop(file);
+                unlink();
+                self.c.stats.vanished += 1;
+                return Ok(());
+            }
+            Err(e) => {
+                drop(file);
+                unlink();
+                return Err(oerr("copy", src, std::io::Error::other(e.to_string())));
+            }
+        };
+        if let Err((op, e)) = self.c.set_meta(file.as_fd(), &s.meta, &s.xattrs) {
+            drop(file);
+            unlink();
+            return Err(oerr(op, src, e));
+        }
+        drop(file);
+        let held = s
+            .hold
+            .map_or(0, |h| u64::try_from(h.as_micros()).unwrap_or(u64::MAX));
+        let st = &mut self.c.stats;
+        st.files_copied += 1;
+        st.bytes_copied += s.bytes;
+        st.databases += 1;
+        st.db_lock_us = st.db_lock_us.max(held);
+        debug!(
+            path = ?src,
+            bytes = s.bytes,
+            attempts = s.attempts,
+            wal = s.wal,
+            lock_held_us = s.hold.map(|h| h.as_micros()),
+            "database copied as one consistent state"
+        );
+        self.c.wrote();
+        for suffix in sqlite::COMPANIONS {
+            let c = sqlite::companion(base, suffix);
+            match rfs::mknodat(odir, &c, FileType::CharacterDevice, Mode::empty(), 0) {
+                Ok(()) => {
+                    self.c.stats.deleted += 1;
+                    self.c.wrote();
+                }
+                // whiteout_missing made it already.
+                Err(Errno::EXIST) if lstat_at(odir, &c).is_ok_and(|m| sqlite::is_whiteout(&m)) => {}
+                Err(Errno::PERM) => {
+                    return Err(OverlayError::NoWhiteouts {
+                        path: self.upath(Some(&c)),
+                    })
+                }
+                Err(e) => return Err(oerr("mknod", self.upath(Some(&c)), e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Directory `d` as the merged directory shows it, if the overlay is mounted.
+    fn view_dir(&self, d: usize) -> Option<OwnedFd> {
+        let mut cur = self.view.as_ref()?.try_clone().ok()?;
+        for f in self.frames.iter().take(d + 1).skip(1) {
+            match rfs::openat(&cur, &f.name, DIR_FLAGS, Mode::empty()) {
+                Ok(fd) => cur = fd,
+                Err(e) => {
+                    debug!(path = ?self.upath(None), "not seen through the overlay ({e}): read from the upper layer");
+                    return None;
+                }
+            }
+        }
+        Some(cur)
+    }
+
+    /// The delta's directory for the current directory (messages only).
+    fn delta_path(&self) -> PathBuf {
+        let mut p = self.delta.clone();
+        for f in self.frames.iter().skip(1) {
+            p.push(OsStr::from_bytes(f.name.to_bytes()));
+        }
+        p
     }
 
     fn dir_entry(

@@ -260,6 +260,8 @@ fn add_stats(total: &mut CopyStats, s: &CopyStats) {
     total.deleted += s.deleted;
     total.vanished += s.vanished;
     total.unchanged += s.unchanged;
+    total.databases += s.databases;
+    total.db_lock_us = total.db_lock_us.max(s.db_lock_us);
 }
 
 /// Creates and removes a whiteout in `dir`: the copy engine skips device nodes it may not

@@ -63,6 +63,11 @@ pub fn persist(upper: &Path, changes: &Path) -> Result<CopyStats, OverlayError> 
         Err(Errno::NOENT) => false,
         Err(e) => return Err(oerr("lstat", changes.to_path_buf(), e)),
     };
+    // Databases are read through the overlay while it is mounted (see `copy::sqlite`).
+    let view = merged_view(upper, changes);
+    let view_fd = view
+        .as_deref()
+        .and_then(|v| rfs::open(v, DIR_FLAGS, Mode::empty()).ok());
     // Taken before the upper layer is read: whatever changes after it is read again next time.
     let now = Timestamp::now();
     let mut clone_from = None;
@@ -80,6 +85,7 @@ pub fn persist(upper: &Path, changes: &Path) -> Result<CopyStats, OverlayError> 
                             parent: pfd.as_fd(),
                             parent_path: parent,
                             temp_name: &names.delta,
+                            view: view_fd.as_ref().map(|v| v.as_fd()),
                         };
                         match delta::build(&ctx, &s, now)? {
                             Built::Done(stats) => {
@@ -102,7 +108,12 @@ pub fn persist(upper: &Path, changes: &Path) -> Result<CopyStats, OverlayError> 
             Err(e) => warn!("{e}; rebuilding it from the upper layer"),
         }
     }
-    let stats = full_rebuild(upper, changes, pfd.as_fd(), &names, exists, clone_from, now)?;
+    let from = Rebuild {
+        exists,
+        clone_from,
+        view: view.as_deref(),
+    };
+    let stats = full_rebuild(upper, changes, pfd.as_fd(), &names, from, now)?;
     debug!(
         ?upper,
         ?changes,
@@ -110,6 +121,31 @@ pub fn persist(upper: &Path, changes: &Path) -> Result<CopyStats, OverlayError> 
         "persisted the overlay's upper layer (full rebuild)"
     );
     Ok(stats)
+}
+
+/// The overlay's merged directory (the target) while it is mounted, where the program works:
+/// `changes` is `<parent>/.<name>-backup_asd-changes/current` and `upper` ends in `/<name>-rw`
+/// (see [`crate::paths::TargetPaths`]), so it is `<parent>/<name>`, if an overlay is mounted
+/// there.
+fn merged_view(upper: &Path, changes: &Path) -> Option<PathBuf> {
+    const OVERLAYFS_SUPER_MAGIC: i64 = 0x794c_7630;
+    let parent = changes.parent()?.parent()?;
+    let name = upper.file_name()?.as_bytes().strip_suffix(b"-rw")?;
+    let target = parent.join(std::ffi::OsStr::from_bytes(name));
+    let fs = rfs::statfs(&target).ok()?;
+    #[allow(clippy::unnecessary_cast, clippy::useless_conversion)]
+    let kind = fs.f_type as i64;
+    (kind == OVERLAYFS_SUPER_MAGIC).then_some(target)
+}
+
+/// Where a full rebuild starts from.
+struct Rebuild<'a> {
+    /// `changes` exists (it is exchanged with the new state).
+    exists: bool,
+    /// The current base (or upper layer in the format before deltas) to clone.
+    clone_from: Option<PathBuf>,
+    /// See [`merged_view`].
+    view: Option<&'a Path>,
 }
 
 struct Names {
@@ -141,15 +177,14 @@ fn full_rebuild(
     changes: &Path,
     parent: BorrowedFd<'_>,
     names: &Names,
-    exists: bool,
-    clone_from: Option<PathBuf>,
+    from: Rebuild<'_>,
     now: Timestamp,
 ) -> Result<CopyStats, OverlayError> {
     let parent_path = changes.parent().unwrap_or(Path::new("."));
     let next = join(parent_path, &names.next);
-    let built = build_state(upper, &next, clone_from.as_deref(), now);
+    let built = build_state(upper, &next, from.clone_from.as_deref(), from.view, now);
     let switched = built.and_then(|stats| {
-        switch_in(parent, &names.next, &names.name, exists, changes)?;
+        switch_in(parent, &names.next, &names.name, from.exists, changes)?;
         Ok(stats)
     });
     let stats = match switched {
@@ -177,6 +212,7 @@ fn build_state(
     upper: &Path,
     next: &Path,
     clone_from: Option<&Path>,
+    view: Option<&Path>,
     now: Timestamp,
 ) -> Result<CopyStats, OverlayError> {
     rfs::mkdir(next, mode(0o700)).map_err(|e| oerr("mkdir", next.to_path_buf(), e))?;
@@ -197,7 +233,7 @@ fn build_state(
         durable: true,
         ..Default::default()
     };
-    Ok(copy::sync_tree(upper, &base, &opts)?)
+    Ok(copy::sync_tree_layer(upper, &base, &opts, view)?)
 }
 
 fn write_marker(dir: BorrowedFd<'_>, path: &Path) -> Result<(), OverlayError> {
