@@ -330,10 +330,14 @@ pub(crate) fn snapshot(src: &Source<'_>, dst: &Dest<'_>) -> Result<Taken, DbErro
             Once::Vanished => return Ok(Taken::Vanished),
             // Try again at once without the lock; not counted.
             Once::NoLock => {}
-            Once::Changed(w) => {
+            Once::Changed(w, locked) => {
                 why = w;
                 tries += 1;
-                if tries < MAX_ATTEMPTS {
+                // A rollback journal's next attempt takes the lock (if it can be had): at once.
+                // Otherwise wait for a pause in the program's writes (browsers write in bursts),
+                // or at least a while.
+                let lock_next = lock_ok && !locked;
+                if tries < MAX_ATTEMPTS && !lock_next && !wait_quiet(src.dir, src.name) {
                     std::thread::sleep(Duration::from_millis(5 << tries.min(6)));
                 }
             }
@@ -352,8 +356,8 @@ enum Once {
     Vanished,
     /// The lock could not be taken (or not on this file): do without.
     NoLock,
-    /// What was read may be torn.
-    Changed(&'static str),
+    /// What was read may be torn (and whether a lock was held).
+    Changed(&'static str, bool),
 }
 
 /// Removes the logs copied beside the destination (and a `-shm` SQLite may have made there).
@@ -407,6 +411,69 @@ fn take_lock(src: &Source<'_>, wal: bool, db: &Meta) -> Result<Lock, String> {
         _ => {
             let _ = lock.release();
             Err("the name now holds another file".into())
+        }
+    }
+}
+
+/// How long the database and its logs must go unwritten before a copy without a lock is tried
+/// again, and how long to wait for that at most.
+const QUIET: Duration = Duration::from_millis(5);
+const QUIET_WAIT: Duration = Duration::from_millis(300);
+
+/// Waits until neither database `name` of `dir` nor its logs have been written for [`QUIET`]
+/// (inotify on the directory), at most [`QUIET_WAIT`]: a program writing in bursts leaves gaps
+/// a copy without a lock fits in. False if none came, or inotify could not be used.
+fn wait_quiet(dir: BorrowedFd<'_>, name: &CStr) -> bool {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    use rustix::fs::inotify::{self, CreateFlags, WatchFlags};
+    let Ok(fd) = inotify::init(CreateFlags::CLOEXEC | CreateFlags::NONBLOCK) else {
+        return false;
+    };
+    let watch = WatchFlags::MODIFY
+        | WatchFlags::CREATE
+        | WatchFlags::DELETE
+        | WatchFlags::MOVED_FROM
+        | WatchFlags::MOVED_TO;
+    let dir_path = format!("/proc/self/fd/{}", dir.as_raw_fd());
+    if inotify::add_watch(&fd, dir_path.as_str(), watch).is_err() {
+        return false;
+    }
+    let ours = |n: &CStr| n == name || is_companion_of(n, name);
+    let deadline = Instant::now() + QUIET_WAIT;
+    // A write may have come just before the watch: silence is counted from now.
+    let mut last = Instant::now();
+    let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 4096];
+    loop {
+        let now = Instant::now();
+        let quiet_at = last + QUIET;
+        if now >= quiet_at {
+            return true;
+        }
+        if now >= deadline {
+            return false;
+        }
+        let wait = quiet_at.min(deadline) - now;
+        let ts = Timespec {
+            tv_sec: 0,
+            tv_nsec: i64::from(wait.subsec_nanos()),
+        };
+        let mut fds = [PollFd::new(&fd, PollFlags::IN)];
+        match poll(&mut fds, Some(&ts)) {
+            Ok(0) | Err(Errno::INTR) => continue,
+            Ok(_) => {}
+            Err(_) => return false,
+        }
+        let mut reader = inotify::Reader::new(&fd, &mut buf);
+        loop {
+            match reader.next() {
+                Ok(ev) => {
+                    if ev.file_name().is_some_and(ours) {
+                        last = Instant::now();
+                    }
+                }
+                Err(Errno::INTR) => {}
+                Err(_) => break,
+            }
         }
     }
 }
@@ -495,7 +562,7 @@ fn take_once(
     drop(log);
     let (check, bytes, log_copied) = copied?;
     if let Err(why) = check.verdict {
-        return Ok(Once::Changed(why));
+        return Ok(Once::Changed(why, hold.is_some()));
     }
     if let Some(suffix) = log_copied {
         normalize(dst, suffix)?;
@@ -580,7 +647,11 @@ fn copy_pair(
         (Err(Errno::NOENT), None) => true,
         _ => false,
     };
-    let names_kept = same_name(src.name, Some(&m1)) && same_name(log_name, l1.as_ref());
+    // The log counts unless a rollback journal was left out under the lock (its journal
+    // comes and goes with every commit then, and is not needed).
+    let log_counts = wal || !locked;
+    let names_kept =
+        same_name(src.name, Some(&m1)) && (!log_counts || same_name(log_name, l1.as_ref()));
     let verdict = if !names_kept {
         Err("a file was replaced")
     } else if wal {

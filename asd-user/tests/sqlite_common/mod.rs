@@ -5,9 +5,6 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use rusqlite::{params, Connection, OpenFlags};
@@ -109,85 +106,6 @@ impl Txn {
         }
         self.n = n;
         Ok(n)
-    }
-}
-
-/// A thread committing transactions to a database without pause until stopped.
-pub struct Writer {
-    stop: Arc<AtomicBool>,
-    committed: Arc<AtomicU64>,
-    handle: Option<JoinHandle<Result<u64, String>>>,
-    pub path: PathBuf,
-}
-
-impl Writer {
-    /// Starts writing to `path` (made by [`create`]), `synchronous=NORMAL`.
-    pub fn start(path: &Path, journal: Journal) -> Writer {
-        let stop = Arc::new(AtomicBool::new(false));
-        let committed = Arc::new(AtomicU64::new(0));
-        let (s, c, p) = (stop.clone(), committed.clone(), path.to_path_buf());
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let handle = std::thread::spawn(move || -> Result<u64, String> {
-            let conn = Connection::open_with_flags(
-                &p,
-                OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-            )
-            .map_err(|e| format!("open: {e}"))?;
-            let busy = match journal {
-                Journal::Wal => Duration::ZERO,
-                Journal::Rollback => Duration::from_secs(5),
-            };
-            conn.busy_timeout(busy).map_err(|e| e.to_string())?;
-            conn.execute_batch("PRAGMA synchronous=NORMAL")
-                .map_err(|e| e.to_string())?;
-            let mut txn = Txn::new(&conn);
-            c.store(txn.n, Ordering::SeqCst);
-            let _ = ready_tx.send(());
-            while !s.load(Ordering::Relaxed) {
-                let n = txn
-                    .commit_one(&conn)
-                    .map_err(|e| format!("commit {}: {e}", txn.n + 1))?;
-                c.store(n, Ordering::SeqCst);
-            }
-            conn.close().map_err(|(_, e)| format!("close: {e}"))?;
-            Ok(txn.n)
-        });
-        let _ = ready_rx.recv_timeout(Duration::from_secs(30));
-        Writer {
-            stop,
-            committed,
-            handle: Some(handle),
-            path: path.to_path_buf(),
-        }
-    }
-
-    /// The last transaction committed so far.
-    pub fn committed(&self) -> u64 {
-        self.committed.load(Ordering::SeqCst)
-    }
-
-    /// Stops the writer and closes its connection; the error it met, if any (an error caused
-    /// by asd: a busy database it did not wait for, a read-only file system, ...).
-    pub fn stop(mut self) -> Result<u64, String> {
-        self.stop.store(true, Ordering::Relaxed);
-        match self.handle.take().map(|h| h.join()) {
-            Some(Ok(r)) => r,
-            _ => Err("the writer panicked".into()),
-        }
-    }
-
-    /// Whether the writer has already failed (it stops at its first error).
-    pub fn failed(&self) -> bool {
-        self.handle.as_ref().is_some_and(|h| h.is_finished())
-    }
-}
-
-impl Drop for Writer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
     }
 }
 
@@ -329,6 +247,8 @@ pub fn writer_process_main() {
         Ok("wal") => Journal::Wal,
         _ => Journal::Rollback,
     };
+    // As Firefox and Chromium: nobody else may read, and commits come in bursts.
+    let exclusive = std::env::var_os("ASD_SQLITE_WRITER_EXCLUSIVE").is_some_and(|v| !v.is_empty());
     let fail = |e: String| -> ! {
         let _ = std::fs::write(&err, e);
         std::process::exit(1);
@@ -351,6 +271,12 @@ pub fn writer_process_main() {
     conn.busy_timeout(busy)
         .and_then(|()| conn.execute_batch("PRAGMA synchronous=NORMAL"))
         .unwrap_or_else(|e| fail(format!("setup: {e}")));
+    if exclusive {
+        conn.query_row("PRAGMA locking_mode=EXCLUSIVE", [], |r| {
+            r.get::<_, String>(0)
+        })
+        .unwrap_or_else(|e| fail(format!("locking_mode: {e}")));
+    }
     let mut txn = Txn::new(&conn);
     let store = |n: u64| {
         counter
@@ -367,6 +293,9 @@ pub fn writer_process_main() {
         match txn.commit_one(&conn) {
             Ok(n) => store(n),
             Err(e) => fail(format!("commit {}: {e}", txn.n + 1)),
+        }
+        if exclusive && txn.n.is_multiple_of(50) {
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
     if let Err((_, e)) = conn.close() {
@@ -389,10 +318,23 @@ impl ProcWriter {
     /// `ipc` (a directory it can write). `cmd` is the command that runs a program in the test's
     /// namespace (as the owner): the test binary is appended to it.
     pub fn start(
+        cmd: std::process::Command,
+        db: &Path,
+        journal: Journal,
+        ipc: &Path,
+    ) -> ProcWriter {
+        ProcWriter::start_with(cmd, db, journal, ipc, false)
+    }
+
+    /// [`ProcWriter::start`]; with `exclusive`, in `locking_mode=EXCLUSIVE` (nobody else can
+    /// read the database, as with Firefox and Chromium), committing in bursts of 50 with 100 ms
+    /// pauses (browsers pause for seconds).
+    pub fn start_with(
         mut cmd: std::process::Command,
         db: &Path,
         journal: Journal,
         ipc: &Path,
+        exclusive: bool,
     ) -> ProcWriter {
         let tag = journal.name();
         let count = ipc.join(format!("{tag}.count"));
@@ -410,6 +352,10 @@ impl ProcWriter {
             .env("ASD_SQLITE_WRITER_COUNT", &count)
             .env("ASD_SQLITE_WRITER_STOP", &stop)
             .env("ASD_SQLITE_WRITER_ERR", &err)
+            .env(
+                "ASD_SQLITE_WRITER_EXCLUSIVE",
+                if exclusive { "1" } else { "" },
+            )
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("start the writer");
