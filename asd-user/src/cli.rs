@@ -16,6 +16,9 @@ pub struct Cli {
     /// Show debug detail (also DEBUG=1).
     #[arg(short, long, global = true)]
     pub verbose: bool,
+    /// No progress line, and only warnings and errors in the log.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
     #[command(subcommand)]
     pub command: Command,
 }

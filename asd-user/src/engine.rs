@@ -14,6 +14,8 @@ use crate::mount::{MountError, Mounter};
 use crate::nsops;
 use crate::owner::{self, Job, Output};
 use crate::plan::{self, Planned};
+use crate::pressure;
+use crate::progress;
 use crate::recover::{self, RecoverError};
 use crate::snapshot;
 use crate::state::{self, Mode, Runtime, Stage, State, TargetState};
@@ -118,6 +120,10 @@ impl Failures {
             reasons: self.0,
         }
     }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Where to find things, and how to mount.
@@ -255,6 +261,7 @@ impl Engine<'_> {
                 clean_since: None,
                 full_compare_at: None,
                 clean_clock: None,
+                write_back: None,
             };
             // Leftovers on disk without any state: a reboot after a crash.
             match recover::recover(self.mounter, &t, None, &cfg) {
@@ -298,6 +305,7 @@ impl Engine<'_> {
         // so a refusal leaves everything as it was.
         holders::wait_until_unused(&p.paths.target, holders::sync_wait())
             .map_err(|e| target_err(&p.paths.target, e))?;
+        let _progress = progress::task("sync", &p.paths.target);
         let mut t = TargetState {
             paths: p.paths.clone(),
             owner: p.owner.clone(),
@@ -306,12 +314,26 @@ impl Engine<'_> {
             clean_since: None,
             full_compare_at: None,
             clean_clock: None,
+            write_back: None,
         };
         state.upsert(t.clone());
         self.runtime.save(state)?;
         let copied_at = match self.mount_and_copy(&t, cfg) {
             Ok(at) => at,
             Err(e) => {
+                // Out of room in RAM: say so plainly, not only as the copy's ENOSPC.
+                let e = match e {
+                    EngineError::Target { target, source } => {
+                        match pressure::explain_full(&source.to_string(), &cfg.volatile) {
+                            Some(why) => EngineError::Target {
+                                target,
+                                source: format!("{source}; {why}").into(),
+                            },
+                            None => EngineError::Target { target, source },
+                        }
+                    }
+                    other => other,
+                };
                 // The error itself is reported once, by the caller.
                 tracing::info!(
                     "{}: sync failed; undoing what was done",
@@ -386,6 +408,7 @@ impl Engine<'_> {
         // Overlay mode needs no start clone: the original is the lower layer and is never
         // written while mounted, so it *is* the start state (and cloning would touch its ctimes).
         if cfg.use_backups && t.mode == Mode::Copy {
+            progress::phase("start clone");
             nsops::mkdir_owned(&p.old_partial, &t.owner).map_err(|e| target_err(&p.target, e))?;
             owner::run(
                 &t.owner,
@@ -400,6 +423,7 @@ impl Engine<'_> {
             .map_err(oe)?;
             nsops::rename(&p.old_partial, &p.old).map_err(|e| target_err(&p.target, e))?;
         }
+        progress::phase("copying into RAM");
         match t.mode {
             Mode::Copy => {
                 owner::run(
@@ -542,6 +566,7 @@ impl Engine<'_> {
     /// `asd resync`: write every target back to disk.
     pub fn resync(&self) -> Result<Report, EngineError> {
         let _lock = self.runtime.lock(LOCK_WAIT)?;
+        let resync_began = std::time::Instant::now();
         let mut state = self
             .runtime
             .load()?
@@ -556,6 +581,8 @@ impl Engine<'_> {
                 ));
                 continue;
             }
+            let _progress = progress::task("resync", &t.paths.target);
+            let began = std::time::Instant::now();
             // Taken before the walk: whatever changes during it is newer and is seen next time.
             let started = crate::copy::Timestamp::now();
             let clock = ClockMark::now();
@@ -567,12 +594,17 @@ impl Engine<'_> {
                     if since.is_none() {
                         t.full_compare_at = Some(state::now_secs());
                     }
+                    t.write_back = Some(state::WriteBack {
+                        at: state::now_secs(),
+                        ms: millis(began.elapsed()),
+                    });
                     report.stats.push((t.paths.target.clone(), s))
                 }
                 Err(e) => failed.add(e.to_string()),
             }
         }
         state.last_resync = Some(state::now_secs());
+        state.last_resync_ms = Some(millis(resync_began.elapsed()));
         self.runtime.save(&state)?;
         if failed.any() {
             return Err(failed.into_error(state.targets.len()));
@@ -638,6 +670,8 @@ impl Engine<'_> {
         let journals = self.journals.as_ref().or(local.as_ref());
         let started = crate::copy::Timestamp::now();
         let began = std::time::Instant::now();
+        let _progress = progress::task("unsync", &p.target);
+        progress::phase("writing back");
         self.write_back_journaled(journals, t, &p.backup, incremental_since(t))?;
         // Read-only for the last pass is a safeguard, not a requirement (an older helper may not
         // know how): without it the last pass runs all the same.
@@ -655,6 +689,7 @@ impl Engine<'_> {
         };
         // A copy of the cover in another mount namespace would outlive ours, and what is
         // written there would go into the RAM copy deleted below: such a target stays in RAM.
+        progress::phase("last write-back");
         let last = self
             // Not frozen, programs may write until the cover goes: compare by ctime, which
             // sees what was written up to the moment the walk reaches it, not only up to the
@@ -715,6 +750,7 @@ impl Engine<'_> {
             j.forget(t);
         }
         let on_disk = began.elapsed().as_secs_f64();
+        progress::phase("deleting the RAM copy");
         recover::cleanup(t).map_err(|e| target_err(&p.target, e))?;
         // Apart, since they differ in kind: the first grows with what changed, the second with
         // the size of the tree (deleting the RAM copy and the start clone).

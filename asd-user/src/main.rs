@@ -14,16 +14,23 @@ use asd::mount::{InProcess, Mounter};
 use asd::state::Runtime;
 use asd::style::Style;
 
-fn init_logging(verbose: bool) {
+fn init_logging(verbose: bool, quiet: bool) {
     let debug = verbose || std::env::var("DEBUG").is_ok_and(|v| v == "1");
-    let default = if debug { "debug" } else { "info" };
+    let default = if debug {
+        "debug"
+    } else if quiet {
+        "warn"
+    } else {
+        "info"
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_env("ASD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
         && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        // Clears the progress line (if one is shown) before each log line.
+        .with_writer(asd::progress::term::log_writer)
         .with_ansi(colour)
         .with_target(false)
         .without_time()
@@ -205,11 +212,20 @@ fn main() -> ExitCode {
         .nth(1)
         .is_some_and(|a| a == asd::owner::WORKER_ARG)
     {
-        init_logging(false);
+        init_logging(false, false);
         return ExitCode::from(asd::owner::worker_main() as u8);
     }
     let cli = Cli::parse();
-    init_logging(cli.verbose);
+    init_logging(cli.verbose, cli.quiet);
+    // A person at a terminal sees how a long sync, resync or unsync goes (never the daemon:
+    // systemd runs it, and its stderr is the journal).
+    let copies = matches!(
+        cli.command,
+        Command::Sync | Command::Resync | Command::Unsync
+    );
+    if copies && asd::progress::term::wanted(cli.quiet) {
+        asd::progress::term::start();
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -158,6 +158,15 @@ fn run_in_worker(owner: &Owner, job: &Job, fd: Option<OwnedFd>) -> Result<Output
     let gid = owner.gid;
     let groups: Vec<libc::gid_t> = owner.groups.clone();
     let raw_fd = fd.as_ref().map(|f| f.as_raw_fd());
+    // Progress counters come back on a pipe of their own, when someone shows them.
+    let relay = matches!(job, Job::Copy { .. })
+        .then(crate::progress::relay::Parent::new)
+        .flatten();
+    let relay_fd = relay.as_ref().map(|r| r.child_end());
+    if relay_fd.is_some() {
+        let fd_no = crate::progress::relay::CHILD_FD.to_string();
+        cmd.env(crate::progress::relay::ENV, fd_no);
+    }
     let parent = std::process::id() as libc::pid_t;
     // SAFETY: the closure runs in the forked child before exec and only makes async-signal-safe
     // system calls (dup2, prctl, setgroups, setgid, setuid, getppid) on values computed before the fork; it
@@ -166,6 +175,12 @@ fn run_in_worker(owner: &Owner, job: &Job, fd: Option<OwnedFd>) -> Result<Output
         cmd.pre_exec(move || {
             if let Some(src) = raw_fd {
                 if libc::dup2(src, JOB_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            // The relay's descriptor is above both numbers (see `progress::relay`).
+            if let Some(src) = relay_fd {
+                if libc::dup2(src, crate::progress::relay::CHILD_FD) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
             }
@@ -202,6 +217,7 @@ fn run_in_worker(owner: &Owner, job: &Job, fd: Option<OwnedFd>) -> Result<Output
     }
     let mut child = cmd.spawn().map_err(spawn_err)?;
     drop(fd);
+    let _relay = relay.map(|r| r.listen());
     let worker_err = |reason: String| OwnerError::Worker {
         user: owner.name.clone(),
         reason,
@@ -227,6 +243,7 @@ fn run_in_worker(owner: &Owner, job: &Job, fd: Option<OwnedFd>) -> Result<Output
 
 /// Entry point of the worker process: one job from stdin, its result as JSON on stdout.
 pub fn worker_main() -> i32 {
+    crate::progress::relay::serve_parent();
     let mut input = Vec::new();
     if let Err(e) = std::io::stdin().read_to_end(&mut input) {
         eprintln!("asd worker: reading the job: {e}");
@@ -284,6 +301,8 @@ fn execute(job: &Job, fd: Option<OwnedFd>) -> Result<Output, String> {
                 durable: *durable,
                 changed_since: *since,
             };
+            // Into RAM (not durable) every byte is written: the bytes have a total too.
+            let _counting = crate::progress::begin_copy(src, !*durable);
             match marks {
                 Some(m) => copy::sync_tree_journaled(src, dst, &opts, m),
                 None => copy::sync_tree(src, dst, &opts),

@@ -7,7 +7,9 @@ use crate::config::Config;
 use crate::owner::{self, Job, Output};
 use crate::paths::TargetPaths;
 use crate::plan;
+use crate::pressure::{self, AreaUse, Psi};
 use crate::recover;
+use crate::show;
 use crate::snapshot;
 use crate::state::{Mode, State};
 
@@ -32,8 +34,22 @@ pub struct TargetView {
     /// Overlay mode: size of the changed files held in RAM.
     pub overlay_size: Option<u64>,
     pub in_ram: bool,
+    /// What the target holds in RAM while in RAM: the copy (copy mode) or the changed files
+    /// (overlay mode).
+    pub ram_bytes: Option<u64>,
+    /// When its last write-back by a resync finished (seconds since the epoch) and how long
+    /// it took (milliseconds); none before the first.
+    pub last_resync: Option<u64>,
+    pub last_resync_ms: Option<u64>,
     pub recovery_snapshots: Vec<Snapshot>,
     pub problem: Option<String>,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct WarningView {
+    /// `volatile_full` or `memory_pressure`.
+    pub kind: String,
+    pub message: String,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -42,8 +58,16 @@ pub struct Preview {
     pub running: bool,
     pub started: Option<u64>,
     pub last_resync: Option<u64>,
+    /// How long the last resync of all targets took.
+    pub last_resync_ms: Option<u64>,
     pub volatile: PathBuf,
     pub volatile_fs: Option<String>,
+    /// How full the file system of the volatile area is.
+    pub volatile_use: Option<AreaUse>,
+    /// The system's memory pressure (None without PSI).
+    pub memory_pressure: Option<Psi>,
+    /// What puts the data in RAM at risk now (see `pressure`).
+    pub warnings: Vec<WarningView>,
     pub resync_interval_secs: u64,
     /// `systemctl [--user] is-active asd`: None when systemd cannot be asked.
     pub service: Option<String>,
@@ -131,6 +155,12 @@ pub fn build(config_file: &Path, cfg: &Config, state: Option<&State>) -> Preview
         let overlay_size = (mode == Mode::Overlay && in_ram)
             .then(|| size_as(&owner, &paths.upper))
             .flatten();
+        let ram_bytes = match mode {
+            _ if !in_ram => None,
+            Mode::Copy => dir_size,
+            Mode::Overlay => overlay_size,
+        };
+        let write_back = recorded.and_then(|t| t.write_back);
         let recovery_snapshots = snapshot::list(paths.parent(), &paths.snapshot_prefix())
             .unwrap_or_default()
             .into_iter()
@@ -148,10 +178,36 @@ pub fn build(config_file: &Path, cfg: &Config, state: Option<&State>) -> Preview
             dir_size,
             overlay_size,
             in_ram,
+            ram_bytes,
+            last_resync: write_back.map(|w| w.at),
+            last_resync_ms: write_back.map(|w| w.ms),
             recovery_snapshots,
             problem,
         });
     }
+    // The area as the targets use it: their owner's directory in it, else VOLATILE itself.
+    let area = targets
+        .iter()
+        .find(|t| t.in_ram)
+        .and_then(|t| state?.target(&t.target))
+        .map(|t| t.paths.user_area.clone())
+        .unwrap_or_else(|| cfg.volatile.clone());
+    let volatile_use = pressure::area_use(&area);
+    let memory_pressure = pressure::memory_pressure();
+    let mut watch = pressure::Watch::default();
+    watch.step(volatile_use.clone(), memory_pressure);
+    let warnings = watch
+        .active()
+        .iter()
+        .map(|w| WarningView {
+            kind: match w {
+                pressure::Warning::VolatileFull(_) => "volatile_full",
+                pressure::Warning::MemoryPressure(_) => "memory_pressure",
+            }
+            .to_string(),
+            message: w.to_string(),
+        })
+        .collect();
     Preview {
         config_file: state
             .map(|s| s.config_file.clone())
@@ -159,8 +215,12 @@ pub fn build(config_file: &Path, cfg: &Config, state: Option<&State>) -> Preview
         running: state.is_some_and(|s| !s.targets.is_empty()),
         started: state.map(|s| s.started),
         last_resync: state.and_then(|s| s.last_resync),
+        last_resync_ms: state.and_then(|s| s.last_resync_ms),
         volatile: cfg.volatile.clone(),
         volatile_fs: plan::volatile_kind(&cfg.volatile).ok().map(str::to_string),
+        volatile_use,
+        memory_pressure,
+        warnings,
         resync_interval_secs: cfg.resync_interval.as_secs(),
         service: service_state(),
         helper_reachable: helper_reachable(),
@@ -168,23 +228,7 @@ pub fn build(config_file: &Path, cfg: &Config, state: Option<&State>) -> Preview
     }
 }
 
-/// Sizes the way `du -h` prints them.
-pub fn human(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["", "K", "M", "G", "T"];
-    let mut v = bytes as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i < UNITS.len() - 1 {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{bytes}")
-    } else if v < 10.0 {
-        format!("{v:.1}{}", UNITS[i])
-    } else {
-        format!("{v:.0}{}", UNITS[i])
-    }
-}
+pub use crate::show::human;
 
 /// The text form, one block per target, with asd 6.0's field names.
 pub fn render(p: &Preview, style: &crate::style::Style) -> String {
@@ -212,14 +256,47 @@ pub fn render(p: &Preview, style: &crate::style::Style) -> String {
             "the asd helper is NOT reachable: ask an administrator to run `systemctl enable --now asd-helper.socket`.\n"
         });
     }
+    let used = p
+        .volatile_use
+        .as_ref()
+        .map(|u| {
+            format!(
+                ", {} of {} used ({:.0}%)",
+                human(u.used),
+                human(u.size),
+                u.percent
+            )
+        })
+        .unwrap_or_default();
     out.push_str(&format!(
-        "volatile: {} ({})\nresync interval: {}s\n",
+        "volatile: {} ({}){used}\n",
         p.volatile.display(),
         p.volatile_fs
             .as_deref()
             .unwrap_or("NOT tmpfs/zram: sync will refuse"),
-        p.resync_interval_secs
     ));
+    if let Some(m) = &p.memory_pressure {
+        out.push_str(&format!(
+            "memory pressure: {:.1}% of the last minute (PSI some avg60)\n",
+            m.avg60
+        ));
+    }
+    out.push_str(&format!("resync interval: {}s", p.resync_interval_secs));
+    if p.running {
+        match (p.last_resync, p.last_resync_ms) {
+            (Some(at), Some(ms)) => out.push_str(&format!(
+                ", last resync {} (took {})",
+                show::date_time(at),
+                show::seconds(ms)
+            )),
+            (Some(at), None) => out.push_str(&format!(", last resync {}", show::date_time(at))),
+            _ => out.push_str(", no resync yet"),
+        }
+    }
+    out.push('\n');
+    for w in &p.warnings {
+        out.push_str(&format!("{} {}\n", style.red("WARNING:"), w.message));
+    }
     for t in &p.targets {
         out.push('\n');
         out.push_str(&format!("{} {}/{}\n", b("owner/group id:"), t.owner, t.gid));
@@ -250,11 +327,22 @@ pub fn render(p: &Preview, style: &crate::style::Style) -> String {
                 t.overlay_size.map(human).unwrap_or_else(|| "-".into())
             ));
         }
-        out.push_str(&format!(
-            "{} {}\n",
-            b("in RAM:"),
-            if t.in_ram { "yes" } else { "no" }
-        ));
+        let in_ram = match (t.in_ram, t.ram_bytes) {
+            (true, Some(n)) => format!("yes ({} in RAM)", human(n)),
+            (true, None) => "yes".to_string(),
+            (false, _) => "no".to_string(),
+        };
+        out.push_str(&format!("{} {in_ram}\n", b("in RAM:")));
+        if t.in_ram {
+            let last = match (t.last_resync, t.last_resync_ms) {
+                (Some(at), Some(ms)) => {
+                    format!("{} (took {})", show::date_time(at), show::seconds(ms))
+                }
+                (Some(at), None) => show::date_time(at),
+                _ => "not yet (written back at the next resync)".to_string(),
+            };
+            out.push_str(&format!("{} {last}\n", b("last resync:")));
+        }
         if t.recovery_snapshots.is_empty() {
             out.push_str(&format!("{} none\n", b("recovery dirs:")));
         } else {

@@ -105,6 +105,19 @@ pub struct TargetState {
     /// makes `clean_since` useless (see [`crate::clock`]); without it, it is not trusted.
     #[serde(default)]
     pub clean_clock: Option<crate::clock::ClockMark>,
+    /// The last write-back of this target by a resync: when it finished and how long it took
+    /// (for `asd preview`). Absent in state files of older versions, and before the first one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub write_back: Option<WriteBack>,
+}
+
+/// One finished write-back of a target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WriteBack {
+    /// Seconds since the epoch when it finished (durably).
+    pub at: u64,
+    /// How long it took, in milliseconds.
+    pub ms: u64,
 }
 
 /// How often a resync compares the whole tree instead of what changed since the last one.
@@ -117,6 +130,9 @@ pub struct State {
     /// Seconds since the epoch.
     pub started: u64,
     pub last_resync: Option<u64>,
+    /// How long the last resync (of every target) took, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_resync_ms: Option<u64>,
     pub config_file: PathBuf,
     /// The configuration as it was at `sync`; edits to the file apply after a restart.
     pub config: Config,
@@ -130,6 +146,7 @@ impl State {
             pid: std::process::id(),
             started: now_secs(),
             last_resync: None,
+            last_resync_ms: None,
             config_file: config_file.to_path_buf(),
             config: config.clone(),
             targets: Vec::new(),
@@ -472,4 +489,55 @@ fn write_atomic(path: &Path, data: &[u8]) -> Result<(), StateError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A state file written before the write-back timings existed still loads, and one with
+    /// them keeps them.
+    #[test]
+    fn state_files_without_write_back_timings_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = Runtime::at(dir.path().to_path_buf());
+        let cfg = Config {
+            whattosync: vec![PathBuf::from("/data/t")],
+            volatile: PathBuf::from("/tmp"),
+            ..Config::default()
+        };
+        let euid = nix::unistd::geteuid().as_raw();
+        let mut st = State::new(Path::new("/etc/asd.conf"), &cfg);
+        st.upsert(TargetState {
+            paths: TargetPaths::new(Path::new("/data/t"), "u", Path::new("/tmp")).unwrap(),
+            owner: Owner {
+                uid: euid,
+                gid: euid,
+                name: "u".into(),
+                groups: vec![],
+            },
+            mode: Mode::Copy,
+            stage: Stage::Synced,
+            clean_since: None,
+            full_compare_at: None,
+            clean_clock: None,
+            write_back: Some(WriteBack { at: 5, ms: 840 }),
+        });
+        st.last_resync_ms = Some(900);
+        rt.save(&st).unwrap();
+        assert_eq!(rt.load().unwrap(), Some(st.clone()));
+        // The same file as an older asd wrote it: no timings at all.
+        let mut old: serde_json::Value =
+            serde_json::from_slice(&fs::read(rt.state_path()).unwrap()).unwrap();
+        old.as_object_mut().unwrap().remove("last_resync_ms");
+        old["targets"][0]
+            .as_object_mut()
+            .unwrap()
+            .remove("write_back");
+        fs::write(rt.state_path(), serde_json::to_vec(&old).unwrap()).unwrap();
+        let loaded = rt.load().unwrap().unwrap();
+        assert_eq!(loaded.last_resync_ms, None);
+        assert_eq!(loaded.targets[0].write_back, None);
+        assert_eq!(loaded.targets[0].paths, st.targets[0].paths);
+    }
 }

@@ -70,6 +70,7 @@ fn valid_state() -> impl Strategy<Value = State> {
                     clean_since: None,
                     full_compare_at: Some(1),
                     clean_clock: None,
+                    write_back: None,
                 });
             }
             st
@@ -383,6 +384,7 @@ fn tampered_state_regressions() {
         clean_since: None,
         full_compare_at: None,
         clean_clock: None,
+        write_back: None,
     };
     st.upsert(good.clone());
     assert_eq!(st.check(1000), Ok(()));

@@ -322,6 +322,8 @@ impl<'a> Engine<'a> {
     /// Whether a directory's listing and metadata are to be compared: what its journal node
     /// says, or (no node, or one marked whole) whether it changed since the cutoff.
     pub(super) fn dir_changed(&self, node: Option<&Node>, sm: &Meta) -> bool {
+        // Called once per directory walked: a good moment to publish progress.
+        self.publish_progress();
         match node {
             Some(n) if !n.whole() => n.listing() || n.entry(),
             _ => self.changed(sm),
@@ -432,8 +434,19 @@ impl<'a> Engine<'a> {
         }))
     }
 
+    /// Entries done and bytes written so far, for a progress line (see [`crate::progress`];
+    /// a no-op unless someone shows progress).
+    fn publish_progress(&self) {
+        let s = &self.stats;
+        crate::progress::publish(
+            s.files_copied + s.symlinks_copied + s.unchanged + s.metadata_updated + s.vanished,
+            s.bytes_copied,
+        );
+    }
+
     /// Counts what a copy thread reported.
     fn record(&mut self, done: Done) {
+        self.publish_progress();
         match done {
             Ok(Copied::Bytes(n)) => {
                 self.stats.files_copied += 1;
@@ -461,6 +474,8 @@ impl<'a> Engine<'a> {
     }
 
     pub(super) fn temp_name(&mut self) -> CString {
+        // Called for every file a write-back writes (under a temporary name first).
+        self.publish_progress();
         self.seq += 1;
         let s = format!("{TEMP_PREFIX}{}.{}", self.pid, self.seq);
         // The name is built from digits and a NUL-free constant.
