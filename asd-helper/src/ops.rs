@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -28,6 +28,7 @@ use crate::peer::Peer;
 use crate::polkit;
 use crate::records::{AreaRecord, DirId, MountRecord, Store, UserRecord};
 use crate::sys::{self, FsCreds, MountId};
+use mountfd::{MountAt, Overlay, SysError, UnmountError};
 
 type Reply = Result<Map<String, Value>, ServiceError>;
 
@@ -129,13 +130,8 @@ pub(crate) fn open_with_parent(
             reason: "no parent".into(),
         });
     };
-    let parent = sys::open_dir(
-        sys::at_fdcwd(),
-        parent_path,
-        rustix::fs::ResolveFlags::empty(),
-    )
-    .map_err(|e| lookup_err(target, e))?;
-    let fd = sys::open_child_dir(&parent, name).map_err(|e| lookup_err(target, e))?;
+    let parent = mountfd::open_dir(parent_path).map_err(|e| lookup_err(target, e))?;
+    let fd = mountfd::open_child_dir(&parent, name).map_err(|e| lookup_err(target, e))?;
     let stat = sys::fstat(&fd).map_err(|e| sys_err("stat", target, e))?;
     Ok((parent, fd, stat))
 }
@@ -154,14 +150,14 @@ fn resolve_target(creds: &FsCreds, target: &Path) -> Result<Resolved, ServiceErr
             path: display(target),
         });
     }
-    let (_, is_root) = sys::mount_of(&fd).map_err(|e| sys_err("statx", target, e))?;
+    let (_, is_root) = mountfd::mount_of(&fd).map_err(|e| sys_err("statx", target, e))?;
     if is_root {
         return Err(ServiceError::MountsBelow {
             path: display(target),
             mountpoint: display(target),
         });
     }
-    let mounts = sys::mountinfo().map_err(|e| io_err("read mountinfo", e))?;
+    let mounts = mountfd::mountinfo::read().map_err(|e| io_err("read mountinfo", e))?;
     if let Some(m) = mounts.iter().find(|m| m.mount_point.starts_with(target)) {
         return Err(ServiceError::MountsBelow {
             path: display(target),
@@ -199,8 +195,7 @@ fn prepare_area(creds: &FsCreds, user: &str, volatile: &Path) -> Result<AreaReco
         path: display(volatile),
         reason,
     };
-    let vol = sys::open_dir(sys::at_fdcwd(), volatile, rustix::fs::ResolveFlags::empty())
-        .map_err(|e| lookup_err(volatile, e))?;
+    let vol = mountfd::open_dir(volatile).map_err(|e| lookup_err(volatile, e))?;
     let st = sys::fstat(&vol).map_err(|e| sys_err("stat", volatile, e))?;
     let magic = sys::fs_magic(&vol).map_err(|e| sys_err("statfs", volatile, e))?;
     #[allow(clippy::unnecessary_cast)]
@@ -225,7 +220,7 @@ fn prepare_area(creds: &FsCreds, user: &str, volatile: &Path) -> Result<AreaReco
         path: display(&area_path),
         reason: reason.to_string(),
     };
-    let area = match sys::open_child_dir(&vol, OsStr::new(&name)) {
+    let area = match mountfd::open_child_dir(&vol, OsStr::new(&name)) {
         Ok(fd) => fd,
         Err(Errno::LOOP) => return Err(not_owned("is a symlink")),
         Err(Errno::NOTDIR) => return Err(not_owned("is not a directory")),
@@ -246,12 +241,7 @@ fn prepare_area(creds: &FsCreds, user: &str, volatile: &Path) -> Result<AreaReco
 }
 
 fn open_area(creds: &FsCreds, area: &AreaRecord) -> Result<OwnedFd, ServiceError> {
-    let vol = sys::open_dir(
-        sys::at_fdcwd(),
-        &area.volatile,
-        rustix::fs::ResolveFlags::empty(),
-    )
-    .map_err(|e| match e {
+    let vol = mountfd::open_dir(&area.volatile).map_err(|e| match e {
         Errno::NOENT => ServiceError::AreaNotPrepared {},
         e => lookup_err(&area.volatile, e),
     })?;
@@ -260,7 +250,7 @@ fn open_area(creds: &FsCreds, area: &AreaRecord) -> Result<OwnedFd, ServiceError
         path: display(&area.path),
         reason: reason.to_string(),
     };
-    let fd = match sys::open_child_dir(&vol, name) {
+    let fd = match mountfd::open_child_dir(&vol, name) {
         Ok(fd) => fd,
         Err(Errno::NOENT) => return Err(ServiceError::AreaNotPrepared {}),
         Err(Errno::LOOP) => return Err(changed("is a symlink")),
@@ -305,7 +295,7 @@ fn open_beneath(
             path: display(&path),
             reason: reason.to_string(),
         };
-        let next = match sys::open_child_dir(&cur, comp) {
+        let next = match mountfd::open_child_dir(&cur, comp) {
             Ok(fd) => fd,
             Err(Errno::LOOP) => return Err(not_owned("is a symlink")),
             Err(Errno::NOTDIR) => return Err(not_owned("is not a directory")),
@@ -315,7 +305,7 @@ fn open_beneath(
         if st.st_uid != creds.uid {
             return Err(not_owned("not owned by the caller"));
         }
-        let (_, is_root) = sys::mount_of(&next).map_err(|e| sys_err("statx", &path, e))?;
+        let (_, is_root) = mountfd::mount_of(&next).map_err(|e| sys_err("statx", &path, e))?;
         if is_root && !(last && last_may_be_mount) {
             return Err(not_owned("is a mount point"));
         }
@@ -327,31 +317,26 @@ fn open_beneath(
 /// The recorded mount at `path`, opened, if it is still there (`Ok(None)`: it is gone), and
 /// where it was found (`path`, or where it moved to with a renamed parent).
 fn find_mount(path: &Path, mid: MountId) -> Result<Option<(OwnedFd, PathBuf)>, ServiceError> {
-    if let Ok(fd) = sys::open_dir(sys::at_fdcwd(), path, rustix::fs::ResolveFlags::empty()) {
-        if let Ok((m, true)) = sys::mount_of(&fd) {
+    if let Ok(fd) = mountfd::open_dir(path) {
+        if let Ok((m, true)) = mountfd::mount_of(&fd) {
             if m.unique == mid.unique {
                 return Ok(Some((fd, path.to_path_buf())));
             }
         }
     }
     // Not at its path (a parent was renamed?): look it up by id.
-    let mounts = sys::mountinfo().map_err(|e| io_err("read mountinfo", e))?;
+    let mounts = mountfd::mountinfo::read().map_err(|e| io_err("read mountinfo", e))?;
     let Some(info) = mounts.iter().find(|m| m.id == mid.id) else {
         return Ok(None);
     };
-    let fd = sys::open_dir(
-        sys::at_fdcwd(),
-        &info.mount_point,
-        rustix::fs::ResolveFlags::empty(),
-    )
-    .map_err(|e| ServiceError::WrongState {
+    let fd = mountfd::open_dir(&info.mount_point).map_err(|e| ServiceError::WrongState {
         target: display(path),
         reason: format!(
             "the mount moved to {} and cannot be reached ({e})",
             display(&info.mount_point)
         ),
     })?;
-    match sys::mount_of(&fd) {
+    match mountfd::mount_of(&fd) {
         Ok((m, true)) if m.unique == mid.unique => Ok(Some((fd, info.mount_point.clone()))),
         // The classic id was reused by another mount: ours is gone.
         Ok((m, _)) if m.id == mid.id => Ok(None),
@@ -369,17 +354,32 @@ fn find_mount(path: &Path, mid: MountId) -> Result<Option<(OwnedFd, PathBuf)>, S
 /// The id of a mount just attached; if it cannot be read, the mount is taken down again (an
 /// unrecorded mount must not stay behind).
 fn attached_id(tree: OwnedFd, path: &Path) -> Result<MountId, ServiceError> {
-    match sys::mount_of(&tree) {
+    match mountfd::mount_of(&tree) {
         Ok((mid, _)) => Ok(mid),
         Err(e) => {
-            let _ = sys::detach_fd(tree);
+            let _ = mountfd::detach_fd(tree);
             Err(sys_err("statx", path, e))
         }
     }
 }
 
-fn mount_err(path: &Path) -> impl Fn((&'static str, Errno)) -> ServiceError + '_ {
-    move |(op, e)| sys_err(op, path, e)
+fn mount_err(path: &Path) -> impl Fn(SysError) -> ServiceError + '_ {
+    move |e| sys_err(e.op, path, e.errno)
+}
+
+/// Unmounts the recorded mount `mid` at `path`, not lazily: `EBUSY` while anything uses it,
+/// `ESTALE` when what is there is not that mount (or, after the unmount, still is: something
+/// mounted over it meanwhile went instead).
+fn unmount_unless_busy(path: &Path, mid: MountId) -> Result<(), Errno> {
+    let found = MountAt::find(path).map_err(|e| e.errno)?;
+    match found {
+        Some(m) if m.id().unique == mid.unique => m.unmount().map_err(|e| match e {
+            UnmountError::Sys(e) => e.errno,
+            UnmountError::Busy => Errno::BUSY,
+            UnmountError::StillMounted => Errno::STALE,
+        }),
+        _ => Err(Errno::STALE),
+    }
 }
 
 /// Creates the backup dir in the target's parent, owned by the caller with the target's mode.
@@ -400,7 +400,8 @@ fn create_backup(
             },
             e => lookup_err(backup, e),
         })?;
-        let fd = sys::open_dir_read(parent, name).map_err(|e| lookup_err(backup, e))?;
+        let fd =
+            mountfd::open_child_dir_to_read(parent, name).map_err(|e| lookup_err(backup, e))?;
         rustix::fs::fchmod(&fd, mode).map_err(|e| sys_err("chmod", backup, e))?;
         if as_root {
             rustix::fs::fchown(
@@ -429,7 +430,7 @@ fn create_backup(
             .map_err(|e| io_err("switch identity", e))??,
         Err(e) => return Err(e),
     };
-    let fd = sys::open_child_dir(parent, name).map_err(|e| lookup_err(backup, e))?;
+    let fd = mountfd::open_child_dir(parent, name).map_err(|e| lookup_err(backup, e))?;
     let st = sys::fstat(&fd).map_err(|e| sys_err("stat", backup, e))?;
     if DirId::of(&st) != id || st.st_uid != creds.uid {
         return Err(ServiceError::BackupInUse {
@@ -451,7 +452,7 @@ fn check_existing_backup(
         path: display(backup),
         reason: reason.to_string(),
     };
-    let fd = match sys::open_child_dir(parent, name) {
+    let fd = match mountfd::open_child_dir(parent, name) {
         Ok(fd) => fd,
         Err(Errno::NOENT) => return Ok(None),
         Err(Errno::LOOP) => return Err(in_use("is a symlink")),
@@ -462,12 +463,11 @@ fn check_existing_backup(
     if st.st_uid != creds.uid {
         return Err(in_use("exists and is not owned by the caller"));
     }
-    let (_, is_root) = sys::mount_of(&fd).map_err(|e| sys_err("statx", backup, e))?;
+    let (_, is_root) = mountfd::mount_of(&fd).map_err(|e| sys_err("statx", backup, e))?;
     if is_root {
         return Err(in_use("is a mount point"));
     }
-    let rd = sys::open_dir_read(parent, name).map_err(|e| lookup_err(backup, e))?;
-    if !sys::dir_is_empty(rd).map_err(|e| sys_err("read", backup, e))? {
+    if !mountfd::dir_is_empty(&fd).map_err(|e| sys_err("read", backup, e))? {
         return Err(in_use(
             "exists and is not empty (recover or remove it first)",
         ));
@@ -486,13 +486,8 @@ fn open_backup(rec: &MountRecord) -> Result<OwnedFd, ServiceError> {
         target: display(&rec.target),
         reason: "the backup is not mounted".into(),
     })?;
-    let fd = sys::open_dir(
-        sys::at_fdcwd(),
-        &rec.backup,
-        rustix::fs::ResolveFlags::empty(),
-    )
-    .map_err(|e| lookup_err(&rec.backup, e))?;
-    match sys::mount_of(&fd) {
+    let fd = mountfd::open_dir(&rec.backup).map_err(|e| lookup_err(&rec.backup, e))?;
+    match mountfd::mount_of(&fd) {
         Ok((m, true)) if m.unique == mid.unique => Ok(fd),
         Ok(_) => Err(ServiceError::WrongState {
             target: display(&rec.target),
@@ -546,9 +541,9 @@ fn detach_with(creds: &FsCreds, rec: &MountRecord, lazy_cover: bool) -> DetachOu
                     // private (0700/0750) home. The helper reaches nothing the caller cannot.
                     let unmounted = if i == 0 && !lazy_cover {
                         drop(fd);
-                        sys::unmount_unless_busy(&at, mid)
+                        unmount_unless_busy(&at, mid)
                     } else {
-                        sys::detach_fd(fd)
+                        mountfd::detach_fd(fd)
                     };
                     match unmounted {
                         Ok(()) => {
@@ -585,15 +580,11 @@ fn detach_with(creds: &FsCreds, rec: &MountRecord, lazy_cover: bool) -> DetachOu
         out.backup_dir_gone = true;
         return out;
     };
-    let Ok(parent) = sys::open_dir(
-        sys::at_fdcwd(),
-        parent_path,
-        rustix::fs::ResolveFlags::empty(),
-    ) else {
+    let Ok(parent) = mountfd::open_dir(parent_path) else {
         out.backup_dir_gone = true;
         return out;
     };
-    let same = sys::open_child_dir(&parent, name)
+    let same = mountfd::open_child_dir(&parent, name)
         .ok()
         .and_then(|fd| sys::fstat(&fd).ok())
         .is_some_and(|st| DirId::of(&st) == created && st.st_uid == creds.uid);
@@ -834,7 +825,7 @@ impl Ctx {
                                 }
                             };
                             let tree =
-                                sys::bind_fd(&resolved.fd, &backup_fd).map_err(mount_err(&b));
+                                mountfd::bind_fd(&resolved.fd, &backup_fd).map_err(mount_err(&b));
                             let tree = match tree {
                                 Ok(t) => t,
                                 Err(e) => {
@@ -925,7 +916,7 @@ impl Ctx {
                             };
                             let parent =
                                 open_beneath(c, &area_fd, &area.path, parent, false, false)?;
-                            let rd = sys::open_dir_read(&parent, name)
+                            let rd = mountfd::open_child_dir_to_read(&parent, name)
                                 .map_err(|e| lookup_err(&upper_path, e))?;
                             rustix::fs::fchmod(&rd, FsMode::from_raw_mode(mode))
                                 .map_err(|e| sys_err("chmod", &upper_path, e))?;
@@ -933,8 +924,14 @@ impl Ctx {
                         let work = open_beneath(c, &area_fd, &area.path, &a.work, true, false)?;
                         let merged =
                             open_beneath(c, &area_fd, &area.path, &a.volatile, true, false)?;
-                        let mnt = sys::mount_overlay(&lower, &upper, &work, &merged)
-                            .map_err(mount_err(&m2.volatile))?;
+                        let layers = Overlay {
+                            lower: lower.as_fd(),
+                            upper: upper.as_fd(),
+                            work: work.as_fd(),
+                        };
+                        let mnt =
+                            mountfd::mount_overlay_with(layers, &merged, sys::with_dac_override)
+                                .map_err(mount_err(&m2.volatile))?;
                         attached_id(mnt, &m2.volatile)
                     })
                     .await
@@ -1005,7 +1002,7 @@ impl Ctx {
                                     true,
                                 )?;
                                 let ok = matches!(
-                                    (sys::mount_of(&fd), m2.overlay_mount),
+                                    (mountfd::mount_of(&fd), m2.overlay_mount),
                                     (Ok((cur, true)), Some(want)) if cur.unique == want.unique
                                 );
                                 if !ok {
@@ -1017,8 +1014,8 @@ impl Ctx {
                                 fd
                             }
                         };
-                        let tree =
-                            sys::bind_fd(&source, &resolved.fd).map_err(mount_err(&m2.target))?;
+                        let tree = mountfd::bind_fd(&source, &resolved.fd)
+                            .map_err(mount_err(&m2.target))?;
                         attached_id(tree, &m2.target)
                     })
                     .await
@@ -1088,7 +1085,7 @@ impl Ctx {
                                 reason: "the cover is gone".into(),
                             }
                         })?;
-                        match c.as_root(|| sys::set_read_only(&fd, frozen)) {
+                        match c.as_root(|| mountfd::set_read_only(&fd, frozen)) {
                             Ok(Ok(())) => Ok(frozen),
                             // Files open for writing: it stays writable; the manager copes.
                             Ok(Err(Errno::BUSY)) if frozen => Ok(false),

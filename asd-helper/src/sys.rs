@@ -1,66 +1,15 @@
-//! Thin wrappers over the system calls the helper uses: path resolution that refuses symlinks,
-//! mount-id lookups, the new mount API, and per-thread file system credentials.
+//! The helper's own system calls: per-thread file system credentials (the caller's identity on
+//! the worker thread of a request), the one capability raised for an overlay's creation, and a
+//! few stat helpers. Path resolution without symlinks, mount ids and the mounts themselves are
+//! in the `mountfd` crate, shared with the manager.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::os::fd::AsFd;
 
-use rustix::fs::{
-    AtFlags, FileType, Mode as FsMode, OFlags, ResolveFlags, Stat, StatxAttributes, StatxFlags,
-};
+use rustix::fs::{FileType, Stat};
 use rustix::io::Errno;
-use rustix::mount::{
-    FsMountFlags, FsOpenFlags, MountAttrFlags, MoveMountFlags, OpenTreeFlags, UnmountFlags,
-};
 
-/// `STATX_MNT_ID_UNIQUE` (Linux 6.8): a 64-bit mount id that is never reused.
-const STATX_MNT_ID_UNIQUE: u32 = 0x4000;
-const MS_PRIVATE: u64 = 1 << 18;
-
-/// The identity of a mount: the classic id (as in /proc/self/mountinfo; may be reused after an
-/// unmount) and the unique 64-bit id (never reused while the system runs).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct MountId {
-    pub id: u64,
-    pub unique: u64,
-}
-
-/// Opens a directory as an `O_PATH` descriptor, refusing symlinks in every component
-/// (`RESOLVE_NO_SYMLINKS`, which covers the last one too) and magic links.
-pub fn open_dir(dirfd: impl AsFd, path: &Path, extra: ResolveFlags) -> Result<OwnedFd, Errno> {
-    rustix::fs::openat2(
-        dirfd,
-        path,
-        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        FsMode::empty(),
-        ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS | extra,
-    )
-}
-
-/// Opens one entry of `dir` (a single name) as `O_PATH`, without following a symlink: a symlink
-/// gives `ELOOP`, anything but a directory `ENOTDIR`.
-pub fn open_child_dir(dir: impl AsFd, name: &std::ffi::OsStr) -> Result<OwnedFd, Errno> {
-    if name.as_bytes().contains(&b'/') || name == "." || name == ".." || name.is_empty() {
-        return Err(Errno::INVAL);
-    }
-    open_dir(dir, Path::new(name), ResolveFlags::BENEATH)
-}
-
-/// Opens a directory for reading (to list or chmod it), refusing symlinks.
-pub fn open_dir_read(dir: impl AsFd, name: &std::ffi::OsStr) -> Result<OwnedFd, Errno> {
-    rustix::fs::openat2(
-        dir,
-        Path::new(name),
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
-        FsMode::empty(),
-        ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS | ResolveFlags::BENEATH,
-    )
-}
-
-pub fn at_fdcwd() -> BorrowedFd<'static> {
-    rustix::fs::CWD
-}
+pub use mountfd::MountId;
 
 pub fn fstat(fd: impl AsFd) -> Result<Stat, Errno> {
     rustix::fs::fstat(fd)
@@ -77,161 +26,23 @@ pub fn fs_magic(fd: impl AsFd) -> Result<u64, Errno> {
     Ok((rustix::fs::fstatfs(fd)?.f_type as u64) & 0xffff_ffff)
 }
 
-/// The mount an open descriptor is on, and whether the descriptor is that mount's root.
-pub fn mount_of(fd: impl AsFd) -> Result<(MountId, bool), Errno> {
-    let fd = fd.as_fd();
-    let legacy = rustix::fs::statx(fd, "", AtFlags::EMPTY_PATH, StatxFlags::MNT_ID)?;
-    let unique = rustix::fs::statx(
-        fd,
-        "",
-        AtFlags::EMPTY_PATH,
-        StatxFlags::from_bits_retain(STATX_MNT_ID_UNIQUE),
-    )?;
-    let unique_id = if unique.stx_mask & STATX_MNT_ID_UNIQUE != 0 {
-        unique.stx_mnt_id
-    } else {
-        // Older kernel: fall back to the classic id (reusable, but still checked with the path).
-        legacy.stx_mnt_id
-    };
-    let root = legacy
-        .stx_attributes_mask
-        .contains(StatxAttributes::MOUNT_ROOT)
-        && legacy.stx_attributes.contains(StatxAttributes::MOUNT_ROOT);
-    Ok((
-        MountId {
-            id: legacy.stx_mnt_id,
-            unique: unique_id,
-        },
-        root,
-    ))
-}
-
-/// Whether the entries of a directory (opened for reading) are only `.` and `..`.
-pub fn dir_is_empty(fd: OwnedFd) -> Result<bool, Errno> {
-    let dir = rustix::fs::Dir::new(fd)?;
-    for entry in dir {
-        let entry = entry?;
-        let name = entry.file_name().to_bytes();
-        if name != b"." && name != b".." {
-            return Ok(false);
-        }
-    }
-    Ok(true)
-}
-
-#[repr(C)]
-struct MountAttr {
-    attr_set: u64,
-    attr_clr: u64,
-    propagation: u64,
-    userns_fd: u64,
-}
-
-/// `mount_setattr(fd, "", AT_EMPTY_PATH, attr)`: changes the one mount `fd` refers to (not
-/// recursive).
-fn mount_setattr(fd: impl AsFd, attr: &MountAttr) -> Result<(), Errno> {
-    let empty = c"";
-    // SAFETY: mount_setattr reads `size_of::<MountAttr>()` bytes from `attr`, a live, properly
-    // laid out `struct mount_attr` (MOUNT_ATTR_SIZE_VER0 = 32 bytes); `empty` is a valid C string
-    // and the descriptor is borrowed for the duration of the call.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_mount_setattr,
-            fd.as_fd().as_raw_fd(),
-            empty.as_ptr(),
-            libc::AT_EMPTY_PATH as libc::c_uint,
-            attr as *const MountAttr,
-            std::mem::size_of::<MountAttr>(),
-        )
-    };
-    if ret == 0 {
-        Ok(())
-    } else {
-        Err(Errno::from_io_error(&io::Error::last_os_error()).unwrap_or(Errno::IO))
-    }
-}
-
-/// Sets nosuid,nodev and private propagation on the one mount `fd` refers to.
-pub fn make_private_nosuid_nodev(fd: impl AsFd) -> Result<(), Errno> {
-    mount_setattr(
-        fd,
-        &MountAttr {
-            attr_set: u64::from(
-                (MountAttrFlags::MOUNT_ATTR_NOSUID | MountAttrFlags::MOUNT_ATTR_NODEV).bits(),
-            ),
-            attr_clr: 0,
-            propagation: MS_PRIVATE,
-            userns_fd: 0,
-        },
-    )
-}
-
-/// Makes the one mount `fd` refers to read-only, or writable again. Making it read-only fails
-/// with `EBUSY` while files are open for writing on it.
-pub fn set_read_only(fd: impl AsFd, read_only: bool) -> Result<(), Errno> {
-    let rdonly = u64::from(MountAttrFlags::MOUNT_ATTR_RDONLY.bits());
-    let (attr_set, attr_clr) = if read_only { (rdonly, 0) } else { (0, rdonly) };
-    mount_setattr(
-        fd,
-        &MountAttr {
-            attr_set,
-            attr_clr,
-            propagation: 0,
-            userns_fd: 0,
-        },
-    )
-}
-
-/// Clones the single mount at `source` (not recursive), makes the clone private, nosuid and
-/// nodev, and attaches it on `target`. Returns the new mount's descriptor.
-pub fn bind_fd(source: impl AsFd, target: impl AsFd) -> Result<OwnedFd, (&'static str, Errno)> {
-    let tree = rustix::mount::open_tree(
-        source,
-        "",
-        OpenTreeFlags::OPEN_TREE_CLONE
-            | OpenTreeFlags::OPEN_TREE_CLOEXEC
-            | OpenTreeFlags::AT_EMPTY_PATH,
-    )
-    .map_err(|e| ("open_tree", e))?;
-    make_private_nosuid_nodev(&tree).map_err(|e| ("mount_setattr", e))?;
-    rustix::mount::move_mount(
-        &tree,
-        "",
-        target,
-        "",
-        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
-    )
-    .map_err(|e| ("move_mount", e))?;
-    Ok(tree)
-}
-
-/// Creates an overlay (lower, upper and work given as descriptors, `userxattr`), nosuid and nodev,
-/// and attaches it on `target`. The overlay keeps the credentials of the thread that calls this
-/// as its mounter credentials: call it with the caller's file system identity.
-pub fn mount_overlay(
-    lower: impl AsFd,
-    upper: impl AsFd,
-    work: impl AsFd,
-    target: impl AsFd,
-) -> Result<OwnedFd, (&'static str, Errno)> {
-    let fs =
-        rustix::mount::fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC).map_err(|e| ("fsopen", e))?;
-    rustix::mount::fsconfig_set_string(&fs, "source", "asd").map_err(|e| ("fsconfig source", e))?;
-    rustix::mount::fsconfig_set_fd(&fs, "lowerdir+", lower)
-        .map_err(|e| ("fsconfig lowerdir+", e))?;
-    rustix::mount::fsconfig_set_fd(&fs, "upperdir", upper).map_err(|e| ("fsconfig upperdir", e))?;
-    rustix::mount::fsconfig_set_fd(&fs, "workdir", work).map_err(|e| ("fsconfig workdir", e))?;
-    rustix::mount::fsconfig_set_flag(&fs, "userxattr").map_err(|e| ("fsconfig userxattr", e))?;
-    // overlayfs keeps the credentials of this call as its mounter credentials, and needs
-    // CAP_DAC_OVERRIDE in them for its work dir (it makes `work/work` mode 0000): raise it for
-    // this call only, on this thread only.
+/// Runs `create` (the `fsconfig` call that creates an overlay) with `CAP_DAC_OVERRIDE` raised
+/// on this thread only: overlayfs keeps that call's credentials as its mounter credentials and
+/// needs the capability in them for its work dir (it makes `work/work` mode 0000). Lowered
+/// right after; if it cannot be, the helper aborts rather than go on with it.
+pub fn with_dac_override(
+    create: &dyn Fn() -> Result<(), mountfd::SysError>,
+) -> Result<(), mountfd::SysError> {
     caps::raise(
         None,
         caps::CapSet::Effective,
         caps::Capability::CAP_DAC_OVERRIDE,
     )
-    .map_err(|_| ("raise CAP_DAC_OVERRIDE", Errno::PERM))?;
-    let created = rustix::mount::fsconfig_create(&fs);
+    .map_err(|_| mountfd::SysError {
+        op: "raise CAP_DAC_OVERRIDE",
+        errno: Errno::PERM,
+    })?;
+    let created = create();
     if caps::drop(
         None,
         caps::CapSet::Effective,
@@ -242,114 +53,7 @@ pub fn mount_overlay(
         tracing::error!("cannot lower CAP_DAC_OVERRIDE again; aborting");
         std::process::abort();
     }
-    created.map_err(|e| ("fsconfig create", e))?;
-    let mnt = rustix::mount::fsmount(
-        &fs,
-        FsMountFlags::FSMOUNT_CLOEXEC,
-        MountAttrFlags::MOUNT_ATTR_NOSUID | MountAttrFlags::MOUNT_ATTR_NODEV,
-    )
-    .map_err(|e| ("fsmount", e))?;
-    make_private_nosuid_nodev(&mnt).map_err(|e| ("mount_setattr", e))?;
-    rustix::mount::move_mount(
-        &mnt,
-        "",
-        target,
-        "",
-        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
-    )
-    .map_err(|e| ("move_mount", e))?;
-    Ok(mnt)
-}
-
-/// Unmounts the mount whose root `fd` is (lazily: the descriptor itself keeps a reference, so a
-/// plain umount would be "busy"). Resolving `/proc/self/fd/N` lands on exactly that mount.
-pub fn detach_fd(fd: OwnedFd) -> Result<(), Errno> {
-    let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
-    let r = rustix::mount::unmount(path.as_str(), UnmountFlags::DETACH);
-    drop(fd);
-    r
-}
-
-/// Unmounts the mount `mid` at `path`, not lazily: `EBUSY` while anything uses it. Addressed
-/// through a descriptor of the parent (no symlinks on the way) as `/proc/self/fd/P/name`, after
-/// checking that what is there is that mount, so a rename of an ancestor cannot redirect it (a
-/// mount point itself cannot be renamed); no descriptor of the mount itself is held, as that
-/// alone would make it busy.
-pub fn unmount_unless_busy(path: &Path, mid: MountId) -> Result<(), Errno> {
-    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
-        return Err(Errno::INVAL);
-    };
-    let pfd = open_dir(at_fdcwd(), parent, ResolveFlags::empty())?;
-    let here = open_child_dir(&pfd, name)?;
-    match mount_of(&here)? {
-        (m, true) if m.unique == mid.unique => {}
-        _ => return Err(Errno::STALE),
-    }
-    drop(here);
-    let mut via = std::ffi::OsString::from(format!("/proc/self/fd/{}/", pfd.as_raw_fd()));
-    via.push(name);
-    rustix::mount::unmount(Path::new(&via), UnmountFlags::NOFOLLOW)?;
-    // Check and unmount are two steps: if something was mounted over it in between, that went
-    // instead, and ours is still there. Then it is not reported gone.
-    match open_child_dir(&pfd, name).and_then(|fd| mount_of(&fd)) {
-        Ok((m, true)) if m.unique == mid.unique => Err(Errno::STALE),
-        _ => Ok(()),
-    }
-}
-
-/// One line of /proc/self/mountinfo.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MountInfo {
-    pub id: u64,
-    pub mount_point: PathBuf,
-    pub fs_type: String,
-}
-
-fn unescape(field: &str) -> PathBuf {
-    let b = field.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
-            out.push(v);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    PathBuf::from(std::ffi::OsStr::from_bytes(&out))
-}
-
-/// Parses mountinfo text.
-pub fn parse_mountinfo(text: &str) -> Vec<MountInfo> {
-    text.lines()
-        .filter_map(|line| {
-            let mut fields = line.split(' ');
-            let id = fields.next()?.parse().ok()?;
-            let mount_point = unescape(fields.nth(3)?);
-            // Skip optional fields up to the "-" separator, then the fs type.
-            let mut rest = fields.skip_while(|f| *f != "-");
-            rest.next()?;
-            let fs_type = rest.next()?.to_string();
-            Some(MountInfo {
-                id,
-                mount_point,
-                fs_type,
-            })
-        })
-        .collect()
-}
-
-/// The mounts of this process's mount namespace.
-pub fn mountinfo() -> io::Result<Vec<MountInfo>> {
-    Ok(parse_mountinfo(&std::fs::read_to_string(
-        "/proc/self/mountinfo",
-    )?))
+    created
 }
 
 /// The caller's file system identity, applied to one thread.
@@ -473,18 +177,5 @@ mod tests {
         // This thread never changed.
         // SAFETY: as above.
         assert_eq!(unsafe { libc::setfsuid(u32::MAX) }, 0);
-    }
-
-    #[test]
-    fn parses_mountinfo_lines() {
-        let text = "22 1 0:21 / /proc rw,nosuid - proc proc rw\n\
-                    99 22 0:50 / /home/a/with\\040space rw shared:5 master:1 - tmpfs tmpfs rw\n\
-                    garbage\n";
-        let m = parse_mountinfo(text);
-        assert_eq!(m.len(), 2);
-        assert_eq!(m[0].id, 22);
-        assert_eq!(m[0].fs_type, "proc");
-        assert_eq!(m[1].mount_point, Path::new("/home/a/with space"));
-        assert_eq!(m[1].fs_type, "tmpfs");
     }
 }

@@ -18,7 +18,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use rustix::fs::{AtFlags, StatxFlags};
+use mountfd::LastLink;
 
 use crate::mountinfo::{self, MountEntry};
 
@@ -169,21 +169,12 @@ fn in_fs(m: &MountEntry, path: &Path) -> Option<PathBuf> {
     })
 }
 
-/// The id of the mount `path` lies on; `follow`: through a last symlink (the /proc magic links).
-fn mount_id(path: &Path, follow: bool) -> std::io::Result<u64> {
-    let flags = if follow {
-        AtFlags::empty()
-    } else {
-        AtFlags::SYMLINK_NOFOLLOW
-    };
-    Ok(rustix::fs::statx(rustix::fs::CWD, path, flags, StatxFlags::MNT_ID)?.stx_mnt_id)
-}
-
 /// The mount `path` lies on, in our table.
 fn mount_of<'a>(path: &Path, ours: &'a [MountEntry]) -> Result<&'a MountEntry, HoldersError> {
-    let id = mount_id(path, false).map_err(io_err("statx", path))?;
+    let id = mountfd::mount_id_of_path(path, LastLink::NoFollow)
+        .map_err(|e| io_err("statx", path)(e.into()))?;
     ours.iter()
-        .find(|m| u64::from(m.id) == id)
+        .find(|m| m.id == id)
         .ok_or_else(|| HoldersError::NoMount {
             path: path.to_path_buf(),
         })
@@ -244,7 +235,7 @@ impl Proc<'_> {
     /// The mount with this id: ours (it is in our namespace, and its paths read as ours do),
     /// else one of the process's namespace.
     fn mount(&mut self, id: u64) -> Option<MountEntry> {
-        let find = |t: &[MountEntry]| t.iter().find(|m| u64::from(m.id) == id).cloned();
+        let find = |t: &[MountEntry]| t.iter().find(|m| m.id == id).cloned();
         find(self.ours).or_else(|| find(self.theirs()))
     }
 
@@ -257,7 +248,7 @@ impl Proc<'_> {
         if !to.has_root() {
             return false;
         }
-        let Ok(id) = mount_id(link, true) else {
+        let Ok(id) = mountfd::mount_id_of_path(link, LastLink::Follow) else {
             return false;
         };
         // A deleted file reads "PATH (deleted)": its directory still counts, and the prefix
@@ -422,7 +413,7 @@ pub fn copies_elsewhere(target: &Path) -> Result<Vec<Holder>, HoldersError> {
     let shows = |m: &MountEntry| m.dev == cover.dev && m.root.starts_with(&cover.root);
     // Our own mounts of it: the cover, and in overlay mode the overlay on the volatile path.
     let mine: Vec<&MountEntry> = ours.iter().filter(|m| shows(m)).collect();
-    let our_ids: HashSet<u32> = ours.iter().map(|m| m.id).collect();
+    let our_ids: HashSet<u64> = ours.iter().map(|m| m.id).collect();
     let our_ns = std::fs::read_link("/proc/self/ns/mnt").ok();
 
     let mut spaces: Vec<Space> = Vec::new();

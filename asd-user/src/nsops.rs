@@ -132,7 +132,7 @@ pub fn mkdir_owned(path: &Path, owner: &Owner) -> Result<(), NsError> {
     // The name could have been swapped for another directory between mkdir and open: give
     // away only the empty directory we just made.
     let st = rustix::fs::fstat(&fd).map_err(err("stat", path))?;
-    let empty = crate::mount::is_empty_dir(&fd, path).unwrap_or(false);
+    let empty = mountfd::dir_is_empty(&fd).unwrap_or(false);
     if st.st_uid != rustix::process::geteuid().as_raw() || !empty {
         return Err(NsError {
             op: "check new directory",
@@ -247,13 +247,7 @@ pub fn remove_overlay_workdir(work: &Path) -> Result<(), NsError> {
         return Ok(());
     }
     let inner = work.join("work");
-    let fd = match rustix::fs::openat2(
-        rustix::fs::CWD,
-        &inner,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-        rustix::fs::ResolveFlags::NO_SYMLINKS | rustix::fs::ResolveFlags::NO_MAGICLINKS,
-    ) {
+    let fd = match mountfd::open_dir_to_read(&inner) {
         Ok(fd) => fd,
         Err(rustix::io::Errno::NOENT) => return Ok(()),
         Err(e) => return Err(err("open", &inner)(e)),

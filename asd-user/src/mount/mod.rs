@@ -6,13 +6,11 @@
 //! swap between check and mount must not make root mount somewhere else.
 
 use std::ffi::OsStr;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use rustix::fs::{Mode as FsMode, OFlags, ResolveFlags};
-use rustix::mount::{
-    FsMountFlags, FsOpenFlags, MountAttrFlags, MoveMountFlags, OpenTreeFlags, UnmountFlags,
-};
+use mountfd::{MountAt, Overlay, SysError, UnmountError};
+use rustix::fs::Mode as FsMode;
 
 use crate::mountinfo;
 use crate::state::{Mode, Owner, TargetState};
@@ -42,6 +40,11 @@ fn sys<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(rustix::io::Errno) -
         path: path.to_path_buf(),
         source: e.into(),
     }
+}
+
+/// A failed step of a mount through descriptors, named with the path it was about.
+fn mount_step(path: &Path) -> impl FnOnce(SysError) -> MountError + '_ {
+    move |e| sys(e.op, path)(e.errno)
 }
 
 /// The privileged steps of syncing a target. Everything else runs unprivileged.
@@ -77,14 +80,7 @@ pub struct InProcess;
 
 /// Open a directory as an O_PATH descriptor; any symlink in any component is refused (ELOOP).
 pub fn open_dir(path: &Path) -> Result<OwnedFd, MountError> {
-    rustix::fs::openat2(
-        rustix::fs::CWD,
-        path,
-        OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        FsMode::empty(),
-        ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
-    )
-    .map_err(|e| {
+    mountfd::open_dir(path).map_err(|e| {
         if e == rustix::io::Errno::LOOP {
             MountError::Refused {
                 path: path.to_path_buf(),
@@ -100,52 +96,6 @@ fn fstat(fd: &OwnedFd, path: &Path) -> Result<rustix::fs::Stat, MountError> {
     rustix::fs::fstat(fd).map_err(sys("stat", path))
 }
 
-/// `struct mount_attr` of mount_setattr(2); not wrapped by rustix 1.x.
-#[repr(C)]
-struct MountAttr {
-    attr_set: u64,
-    attr_clr: u64,
-    propagation: u64,
-    userns_fd: u64,
-}
-
-/// mount_setattr(2) on the mount open as `fd` (not wrapped by rustix 1.x).
-fn mount_setattr(fd: &OwnedFd, attr: &MountAttr) -> std::io::Result<()> {
-    // SAFETY: mount_setattr reads `size_of::<MountAttr>()` bytes from a valid, live struct laid out
-    // as the kernel's `struct mount_attr` (MOUNT_ATTR_SIZE_VER0 = 32 bytes); the path is a valid
-    // NUL-terminated empty string used with AT_EMPTY_PATH on an fd we own.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_mount_setattr,
-            fd.as_raw_fd(),
-            c"".as_ptr(),
-            libc::AT_EMPTY_PATH as libc::c_uint,
-            attr as *const MountAttr,
-            std::mem::size_of::<MountAttr>(),
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// Make a detached mount private (so later mounts on the target do not propagate into it, nor it
-/// into its origin's peers) and apply `attrs`, before it is attached anywhere.
-fn set_private(tree: &OwnedFd, attrs: MountAttrFlags, path: &Path) -> Result<(), MountError> {
-    let attr = MountAttr {
-        attr_set: u64::from(attrs.bits()),
-        attr_clr: 0,
-        propagation: libc::MS_PRIVATE,
-        userns_fd: 0,
-    };
-    mount_setattr(tree, &attr).map_err(|source| MountError::Sys {
-        op: "mount_setattr",
-        path: path.to_path_buf(),
-        source,
-    })
-}
-
 /// Bind the directory open as `src` onto the directory open as `dst`: a private, non-recursive
 /// clone, attached through descriptors.
 fn bind_fd(
@@ -154,27 +104,11 @@ fn bind_fd(
     src_path: &Path,
     dst_path: &Path,
 ) -> Result<(), MountError> {
-    let tree = rustix::mount::open_tree(
-        src,
-        "",
-        OpenTreeFlags::OPEN_TREE_CLONE
-            | OpenTreeFlags::OPEN_TREE_CLOEXEC
-            | OpenTreeFlags::AT_EMPTY_PATH,
-    )
-    .map_err(sys("open_tree", src_path))?;
-    set_private(
-        &tree,
-        MountAttrFlags::MOUNT_ATTR_NOSUID | MountAttrFlags::MOUNT_ATTR_NODEV,
-        src_path,
-    )?;
-    rustix::mount::move_mount(
-        &tree,
-        "",
-        dst,
-        "",
-        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
-    )
-    .map_err(sys("move_mount", dst_path))
+    match mountfd::bind_fd(src, dst) {
+        Ok(_tree) => Ok(()),
+        Err(e) if e.op == "move_mount" => Err(mount_step(dst_path)(e)),
+        Err(e) => Err(mount_step(src_path)(e)),
+    }
 }
 
 /// Open `path` as a directory owned by `owner`, or refuse.
@@ -212,15 +146,9 @@ fn mkdir_at(parent_fd: &OwnedFd, name: &OsStr, mode: u32, path: &Path) -> Result
     }
 }
 
-/// Open `name` inside `parent_fd` as a directory, never through a symlink.
+/// Open `name` inside `parent_fd` as a directory (for reading), never through a symlink.
 fn open_child_dir(parent_fd: &OwnedFd, name: &OsStr, path: &Path) -> Result<OwnedFd, MountError> {
-    rustix::fs::openat(
-        parent_fd,
-        name,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        FsMode::empty(),
-    )
-    .map_err(|e| match e {
+    mountfd::open_child_dir_to_read(parent_fd, name).map_err(|e| match e {
         rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR => MountError::Refused {
             path: path.to_path_buf(),
             reason: "exists and is not a directory".into(),
@@ -229,17 +157,8 @@ fn open_child_dir(parent_fd: &OwnedFd, name: &OsStr, path: &Path) -> Result<Owne
     })
 }
 
-pub(crate) fn is_empty_dir(fd: &OwnedFd, path: &Path) -> Result<bool, MountError> {
-    let dup = rustix::io::dup(fd).map_err(sys("dup", path))?;
-    let mut dir = rustix::fs::Dir::new(dup).map_err(sys("opendir", path))?;
-    while let Some(entry) = dir.read() {
-        let entry = entry.map_err(sys("readdir", path))?;
-        let name = entry.file_name().to_bytes();
-        if name != b"." && name != b".." {
-            return Ok(false);
-        }
-    }
-    Ok(true)
+fn is_empty_dir(fd: &OwnedFd, path: &Path) -> Result<bool, MountError> {
+    mountfd::dir_is_empty(fd).map_err(sys("readdir", path))
 }
 
 /// Which device a mount on `path` must have to be ours: the volatile copy's filesystem.
@@ -252,104 +171,53 @@ fn dev_of(path: &Path) -> Option<(u32, u32)> {
 /// Unmount the top mount on `path` if `accept` says it is ours; `Ok(false)` if nothing to do.
 ///
 /// Never lazily (a busy target stays covered: lazily detached, files still open on it would be
-/// written into a copy that is then thrown away), so not through a descriptor of the mount
-/// itself, which would keep it busy. Instead the parent is held open (no symlinks on the way),
-/// the mount checked by the id of what is found at `parent/name`, and the unmount addressed as
-/// `/proc/self/fd/PARENT/name`: a rename of an ancestor (which a user may own) after the check
-/// cannot redirect it, and a mount point itself cannot be renamed.
+/// written into a copy that is then thrown away). [`MountAt`] holds the parent open (no
+/// symlinks on the way), finds the mount there by the id of what is at `parent/name`, and
+/// unmounts it through the parent's descriptor, so a rename of an ancestor (which a user may
+/// own) after the check cannot redirect it.
 fn unmount_if(
     path: &Path,
     accept: impl Fn(&mountinfo::MountEntry) -> bool,
 ) -> Result<bool, MountError> {
-    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
-        return Err(MountError::Refused {
-            path: path.to_path_buf(),
-            reason: "not a path asd mounts on".into(),
-        });
-    };
-    let pfd = match open_dir(parent) {
-        Ok(fd) => fd,
-        // Gone: nothing can be mounted there.
-        Err(MountError::Sys { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-            return Ok(false)
-        }
-        Err(e) => return Err(e),
-    };
-    let here = match rustix::fs::openat(
-        &pfd,
-        name,
-        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        FsMode::empty(),
-    ) {
-        Ok(fd) => fd,
-        Err(rustix::io::Errno::NOENT) => return Ok(false),
-        Err(e) => return Err(sys("open", path)(e)),
-    };
-    let id = rustix::fs::statx(
-        &here,
-        "",
-        rustix::fs::AtFlags::EMPTY_PATH,
-        rustix::fs::StatxFlags::MNT_ID,
-    )
-    .map_err(sys("statx", path))?
-    .stx_mnt_id;
-    drop(here);
-    let table = mountinfo::read().map_err(|source| MountError::Sys {
-        op: "read mountinfo",
+    let refused = |reason: &str| MountError::Refused {
         path: path.to_path_buf(),
-        source,
-    })?;
-    let Some(top) = mountinfo::mounts_at(&table, path).last().copied() else {
-        return Ok(false);
+        reason: reason.into(),
     };
-    if u64::from(top.id) != id {
-        return Err(MountError::Refused {
-            path: path.to_path_buf(),
-            reason: "what is found at this path is not the mount listed there (a parent was \
-                     moved?); leaving it alone"
-                .into(),
-        });
+    if path.parent().is_none() || path.file_name().is_none() {
+        return Err(refused("not a path asd mounts on"));
     }
+    let found = match MountAt::find(path) {
+        Ok(Some(found)) => found,
+        Ok(None) => return Ok(false),
+        Err(e) if e.errno == rustix::io::Errno::LOOP => {
+            return Err(refused(
+                "a symlink is in the path; asd mounts only real directories",
+            ))
+        }
+        Err(e) => return Err(mount_step(path)(e)),
+    };
+    let Some(top) = found.entry().filter(|m| m.mount_point == path) else {
+        return Err(refused(
+            "what is found at this path is not the mount listed there (a parent was moved?); \
+             leaving it alone",
+        ));
+    };
     if !accept(top) {
-        return Err(MountError::Refused {
+        return Err(refused(&format!(
+            "the mount there ({} from {}) is not one asd made; leaving it alone",
+            top.fs_type, top.source
+        )));
+    }
+    match found.unmount() {
+        Ok(()) => Ok(true),
+        Err(UnmountError::Busy) => Err(MountError::Busy {
             path: path.to_path_buf(),
-            reason: format!(
-                "the mount there ({} from {}) is not one asd made; leaving it alone",
-                top.fs_type, top.source
-            ),
-        });
+        }),
+        Err(UnmountError::StillMounted) => Err(refused(
+            "something was mounted over it meanwhile and was unmounted instead; run asd again",
+        )),
+        Err(UnmountError::Sys(e)) => Err(mount_step(path)(e)),
     }
-    let mut via = std::ffi::OsString::from(format!("/proc/self/fd/{}/", pfd.as_raw_fd()));
-    via.push(name);
-    match rustix::mount::unmount(Path::new(&via), UnmountFlags::NOFOLLOW) {
-        Ok(()) => {}
-        Err(rustix::io::Errno::BUSY) => {
-            return Err(MountError::Busy {
-                path: path.to_path_buf(),
-            })
-        }
-        Err(e) => return Err(sys("umount", path)(e)),
-    }
-    // Check and unmount are two steps: if something was mounted over it in between, that went
-    // instead and ours is still there; then it is not reported gone.
-    let after = mountinfo::read().map_err(|source| MountError::Sys {
-        op: "read mountinfo",
-        path: path.to_path_buf(),
-        source,
-    })?;
-    // (The id alone could already be reused by some other new mount.)
-    if after
-        .iter()
-        .any(|m| m.id == top.id && m.dev == top.dev && m.mount_point == top.mount_point)
-    {
-        return Err(MountError::Refused {
-            path: path.to_path_buf(),
-            reason:
-                "something was mounted over it meanwhile and was unmounted instead; run asd again"
-                    .into(),
-        });
-    }
-    Ok(true)
 }
 
 /// Is an overlay filesystem available? Loads the module if needed.
@@ -390,36 +258,14 @@ fn set_cover_read_only(t: &TargetState, read_only: bool) -> Result<bool, MountEr
     else {
         return Ok(false);
     };
-    // The mount found at the path (no symlinks on the way) must be that one: a parent renamed
-    // meanwhile cannot point this at another mount.
+    // The mount found at the path (no symlinks on the way) must be that one, and the
+    // descriptor its root: a parent renamed meanwhile cannot point this at another mount.
     let root = open_dir(&p.target)?;
-    let id = rustix::fs::statx(
-        &root,
-        "",
-        rustix::fs::AtFlags::EMPTY_PATH,
-        rustix::fs::StatxFlags::MNT_ID,
-    )
-    .map_err(sys("statx", &p.target))?
-    .stx_mnt_id;
-    if id != u64::from(top.id) {
+    let (id, is_root) = mountfd::mount_of(&root).map_err(sys("statx", &p.target))?;
+    if !is_root || id.id != top.id {
         return Ok(false);
     }
-    // Without OPEN_TREE_CLONE this is the mount on the target itself (the cover).
-    let tree = rustix::mount::open_tree(
-        &root,
-        "",
-        OpenTreeFlags::OPEN_TREE_CLOEXEC | OpenTreeFlags::AT_EMPTY_PATH,
-    )
-    .map_err(sys("open_tree", &p.target))?;
-    let rdonly = u64::from(MountAttrFlags::MOUNT_ATTR_RDONLY.bits());
-    let (attr_set, attr_clr) = if read_only { (rdonly, 0) } else { (0, rdonly) };
-    let attr = MountAttr {
-        attr_set,
-        attr_clr,
-        propagation: 0,
-        userns_fd: 0,
-    };
-    match mount_setattr(&tree, &attr) {
+    match mountfd::set_read_only(&root, read_only) {
         Ok(()) => Ok(true),
         Err(e) if read_only => {
             tracing::warn!(
@@ -428,11 +274,7 @@ fn set_cover_read_only(t: &TargetState, read_only: bool) -> Result<bool, MountEr
             );
             Ok(false)
         }
-        Err(source) => Err(MountError::Sys {
-            op: "mount_setattr",
-            path: p.target.clone(),
-            source,
-        }),
+        Err(e) => Err(sys("mount_setattr", &p.target)(e)),
     }
 }
 
@@ -530,34 +372,23 @@ impl Mounter for InProcess {
         let upper = open_owned_dir(&p.upper, &t.owner)?;
         let work = open_owned_dir(&p.work, &t.owner)?;
         let merged = open_owned_dir(&p.volatile, &t.owner)?;
-        let fs = rustix::mount::fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC)
-            .map_err(sys("fsopen overlay", &p.volatile))?;
-        let cfg = |key: &str, fd: &OwnedFd, path: &Path| {
-            rustix::mount::fsconfig_set_fd(&fs, key, fd.as_fd()).map_err(sys("fsconfig", path))
+        let layers = Overlay {
+            lower: lower.as_fd(),
+            upper: upper.as_fd(),
+            work: work.as_fd(),
         };
-        cfg("lowerdir+", &lower, &p.backup)?;
-        cfg("upperdir", &upper, &p.upper)?;
-        cfg("workdir", &work, &p.work)?;
-        // userxattr keeps opaque markers readable by the owner (user.overlay.*), so the
-        // unprivileged persist step can see replaced directories.
-        rustix::mount::fsconfig_set_flag(&fs, "userxattr")
-            .map_err(sys("fsconfig userxattr", &p.volatile))?;
-        rustix::mount::fsconfig_create(&fs).map_err(sys("overlay create", &p.volatile))?;
-        let mnt = rustix::mount::fsmount(
-            &fs,
-            FsMountFlags::FSMOUNT_CLOEXEC,
-            MountAttrFlags::MOUNT_ATTR_NOSUID | MountAttrFlags::MOUNT_ATTR_NODEV,
-        )
-        .map_err(sys("fsmount", &p.volatile))?;
-        set_private(&mnt, MountAttrFlags::empty(), &p.volatile)?;
-        rustix::mount::move_mount(
-            &mnt,
-            "",
-            &merged,
-            "",
-            MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
-        )
-        .map_err(sys("move_mount", &p.volatile))
+        match mountfd::mount_overlay(layers, &merged) {
+            Ok(_mnt) => Ok(()),
+            Err(e) => {
+                let about = match e.op {
+                    "fsconfig lowerdir+" => &p.backup,
+                    "fsconfig upperdir" => &p.upper,
+                    "fsconfig workdir" => &p.work,
+                    _ => &p.volatile,
+                };
+                Err(mount_step(about)(e))
+            }
+        }
     }
 
     fn cover(&self, t: &TargetState) -> Result<(), MountError> {
