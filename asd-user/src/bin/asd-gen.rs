@@ -144,6 +144,45 @@ fn man(out: &Path) -> std::io::Result<Vec<PathBuf>> {
          SIGUSR1 (`systemctl --user kill -s USR1 asd`) writes back at once. A daemon that is \
          killed leaves its targets in RAM; the next start writes them back or recovers them.",
     );
+    para(
+        &mut r,
+        "Suspend and hibernate: the daemon (per user and system-wide) holds a logind delay \
+         inhibitor for sleep on the system bus (`systemd-inhibit --list` shows it as asd, \
+         \"writing back RAM copies\"). When a suspend or hibernation begins \
+         (PrepareForSleep), it writes every target back and releases the inhibitor once the \
+         write-back is durable, or when logind stops waiting (InhibitDelayMaxSec=, see \
+         logind.conf(5)); after the resume it takes a new one. Without a system bus or \
+         without logind it says so once and carries on without.",
+    );
+    para(
+        &mut r,
+        "RAM filling up: every few seconds the daemon looks at how full the file system of \
+         the volatile area is and at the system's memory pressure (/proc/pressure/memory). \
+         When the area is 80% full, or tasks waited for memory 10% of the last minute (PSI \
+         some avg60), it logs a warning (once; once more if it cleared, below 75% or 5%, and \
+         came back), adds it to the unit's status line and to `asd preview`, and writes back \
+         at once and then at most every 5 minutes while it lasts, so that less is at risk. A \
+         write into a target that fails because the area is full costs nothing already \
+         written back; a target that does not fit into the area is refused at sync with an \
+         error that says so, and left as it was.",
+    );
+
+    section(&mut r, "STATUS AND PROGRESS");
+    para(
+        &mut r,
+        "`asd preview` (and `asd preview --json`) shows per target, besides asd 6.0's fields, \
+         whether it is in RAM and how much it holds there, when its last resync finished and \
+         how long it took; and for the whole: how full the volatile area is, the memory \
+         pressure, whether the helper answers (per-user mode), and any warning above.",
+    );
+    para(
+        &mut r,
+        "`asd sync`, `asd resync` and `asd unsync` run at a terminal show a progress line on \
+         standard error once they have run for about a second: the target, the step, files \
+         done of the total, bytes written (of the total when copying into RAM), the rate and \
+         the time, redrawn in place. Never when standard error is not a terminal, under \
+         systemd (INVOCATION_ID or JOURNAL_STREAM set), or with --quiet.",
+    );
 
     section(&mut r, "ENVIRONMENT");
     item(
@@ -167,7 +206,16 @@ fn man(out: &Path) -> std::io::Result<Vec<PathBuf>> {
         "ASD_HELPER_SOCKET",
         "Talk to asd-helper on this socket instead of /run/asd/io.asd.Helper.",
     );
-    item(&mut r, "NO_COLOR", "Do not colour the output.");
+    item(
+        &mut r,
+        "NO_COLOR",
+        "Do not colour the output (the progress line included).",
+    );
+    item(
+        &mut r,
+        "DBUS_SYSTEM_BUS_ADDRESS",
+        "Where the daemon finds the system bus (and logind on it) for the sleep inhibitor.",
+    );
 
     section(&mut r, "FILES");
     item(
