@@ -4,7 +4,8 @@
 //! polkit). Only asd's own names for that one target, only in a parent that root owns and nobody
 //! else may write, only entries of the caller's; everything made is the caller's. The parent is
 //! reached as the caller (no symlinks), so the helper reaches nothing the caller could not; only
-//! the one create, rename or remove in it runs with root's file system identity.
+//! the one rename or remove in it runs with root's file system identity, and the one create with
+//! the caller's and `CAP_DAC_OVERRIDE` (so that what is made is the caller's from the start).
 
 use std::ffi::OsStr;
 use std::os::fd::OwnedFd;
@@ -169,39 +170,43 @@ pub fn make(
     let n = checked_name(target, name)?;
     let parent = open_parent(creds, target)?;
     let path = target.with_file_name(n);
-    let (uid, gid) = (
-        Some(rustix::fs::Uid::from_raw(creds.uid)),
-        Some(rustix::fs::Gid::from_raw(creds.gid)),
-    );
-    let made = root(creds, || {
-        let fd = match kind {
-            EntryKind::Dir => {
-                rustix::fs::mkdirat(&parent, n, FsMode::from_raw_mode(0o700))?;
-                rustix::fs::openat(
-                    &parent,
-                    n,
-                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                    FsMode::empty(),
-                )?
-            }
-            EntryKind::File => rustix::fs::openat(
+    let gid = Some(rustix::fs::Gid::from_raw(creds.gid));
+    // Made with the caller's identity, so it is the caller's from the start; only the one
+    // create gets past the parent's permissions (root's, writable by nobody else: see
+    // open_parent).
+    let create = || match kind {
+        EntryKind::Dir => {
+            crate::caps::with_dac_override(|| {
+                rustix::fs::mkdirat(&parent, n, FsMode::from_raw_mode(0o700))
+            })?;
+            rustix::fs::openat(
+                &parent,
+                n,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                FsMode::empty(),
+            )
+        }
+        EntryKind::File => crate::caps::with_dac_override(|| {
+            rustix::fs::openat(
                 &parent,
                 n,
                 OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
                 FsMode::from_raw_mode(0o600),
-            )?,
-        };
-        // Never leave a root-owned entry behind under asd's name: the caller could not remove
-        // it, nor would the helper for them.
-        let handed = rustix::fs::fchown(&fd, uid, gid).and_then(|()| rustix::fs::fsync(&fd));
+            )
+        }),
+    };
+    let made = create().map_err(|e| (e, false)).and_then(|fd| {
+        // The caller's own group, also under a set-group-id parent; then durable. Never leave
+        // a half-made entry under asd's name.
+        let handed = rustix::fs::fchown(&fd, None, gid).and_then(|()| rustix::fs::fsync(&fd));
         if handed.is_err() {
             let flags = match kind {
                 EntryKind::Dir => AtFlags::REMOVEDIR,
                 EntryKind::File => AtFlags::empty(),
             };
-            let _ = rustix::fs::unlinkat(&parent, n, flags);
+            let _ = root(creds, || rustix::fs::unlinkat(&parent, n, flags));
         }
-        handed
+        handed.map_err(|e| (e, false))
     });
     made.map_err(|(e, _)| match e {
         Errno::EXIST => ServiceError::BackupInUse {

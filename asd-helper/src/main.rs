@@ -153,9 +153,8 @@ fn main() -> anyhow::Result<()> {
         .with_target(false)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    if rustix::process::geteuid().as_raw() != 0 {
-        bail!("asd-helper must run as root");
-    }
+    // Root, or the asd-helper user with its capabilities (asd-helper.service): checked, with a
+    // message saying which, by caps::drop_all_but_needed below.
     // Everything the helper creates for a caller gets exactly the mode it asks for.
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
 

@@ -392,8 +392,14 @@ fn create_backup(
     target_stat: &rustix::fs::Stat,
 ) -> Result<(OwnedFd, DirId), ServiceError> {
     let mode = FsMode::from_raw_mode(target_stat.st_mode & 0o3777);
-    let make = |as_root: bool| -> Result<DirId, ServiceError> {
-        rustix::fs::mkdirat(parent, name, FsMode::from_raw_mode(0o700)).map_err(|e| match e {
+    let mkdir = || rustix::fs::mkdirat(parent, name, FsMode::from_raw_mode(0o700));
+    let make = |override_dac: bool| -> Result<DirId, ServiceError> {
+        let made = if override_dac {
+            crate::caps::with_dac_override(mkdir)
+        } else {
+            mkdir()
+        };
+        made.map_err(|e| match e {
             Errno::EXIST => ServiceError::BackupInUse {
                 path: display(backup),
                 reason: "appeared while it was being created".into(),
@@ -403,31 +409,26 @@ fn create_backup(
         let fd =
             mountfd::open_child_dir_to_read(parent, name).map_err(|e| lookup_err(backup, e))?;
         rustix::fs::fchmod(&fd, mode).map_err(|e| sys_err("chmod", backup, e))?;
-        if as_root {
-            rustix::fs::fchown(
-                &fd,
-                Some(rustix::fs::Uid::from_raw(creds.uid)),
-                Some(rustix::fs::Gid::from_raw(target_stat.st_gid)),
-            )
-            .map_err(|e| sys_err("chown", backup, e))?;
-        } else {
-            // Best effort: the target's group, if the caller may set it.
-            let _ = rustix::fs::fchown(
-                &fd,
-                None,
-                Some(rustix::fs::Gid::from_raw(target_stat.st_gid)),
-            );
-        }
+        // Best effort: the target's group, if the caller may set it.
+        let _ = rustix::fs::fchown(
+            &fd,
+            None,
+            Some(rustix::fs::Gid::from_raw(target_stat.st_gid)),
+        );
         let st = sys::fstat(&fd).map_err(|e| sys_err("stat", backup, e))?;
         Ok(DirId::of(&st))
     };
     let id = match make(false) {
         Ok(id) => id,
-        // The caller may not write the parent (a target outside home, authorized by polkit):
-        // root creates it and hands it to the caller.
-        Err(ServiceError::PermissionDenied { .. }) => creds
-            .as_root(|| make(true))
-            .map_err(|e| io_err("switch identity", e))??,
+        // The caller may not write the parent (a target outside home, authorized by polkit).
+        // Where root could (a parent of root's with its write bit), the helper makes it with
+        // the caller's identity, past the parent's permissions (CAP_DAC_OVERRIDE for that one
+        // mkdir), so that it is the caller's from the start.
+        Err(ServiceError::PermissionDenied { .. })
+            if sys::fstat(parent).is_ok_and(|p| p.st_uid == 0 && p.st_mode & 0o200 != 0) =>
+        {
+            make(true)?
+        }
         Err(e) => return Err(e),
     };
     let fd = mountfd::open_child_dir(parent, name).map_err(|e| lookup_err(backup, e))?;

@@ -1,7 +1,7 @@
-//! What the helper mounted for whom, kept under the state dir (default /run/asd/helper, root-only)
-//! as one JSON file per uid, written to a temporary name and renamed into place. A helper that
-//! exited when idle, or was restarted, reads them back; after a reboot they are gone with the
-//! mounts (/run is a tmpfs).
+//! What the helper mounted for whom, kept under the state dir (default /run/asd/helper, private
+//! to the helper) as one JSON file per uid, written to a temporary name and renamed into place.
+//! A helper that exited when idle, or was restarted, reads them back; after a reboot they are
+//! gone with the mounts (/run is a tmpfs).
 
 use std::fs;
 use std::io::{self, Write};
@@ -106,9 +106,12 @@ impl Store {
         }
         let md = fs::symlink_metadata(dir)?;
         use std::os::unix::fs::MetadataExt;
-        if !md.is_dir() || md.uid() != 0 {
+        // Root's, or the helper's own user's (asd-helper.service makes it as its
+        // RuntimeDirectory).
+        let me = rustix::process::geteuid().as_raw();
+        if !md.is_dir() || md.uid() != me {
             return Err(io::Error::other(format!(
-                "state dir {} is not a directory owned by root",
+                "state dir {} is not a directory owned by uid {me} (the helper's)",
                 dir.display()
             )));
         }

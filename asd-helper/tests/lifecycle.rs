@@ -434,10 +434,11 @@ fn keeps_only_the_capabilities_it_needs() {
             .map(|l| l.split_whitespace().nth(1).unwrap().to_string())
             .unwrap()
     };
-    // CAP_CHOWN(0) CAP_SETGID(6) CAP_SETUID(7) CAP_SYS_ADMIN(21); permitted adds DAC_OVERRIDE(1).
-    assert_eq!(field("CapEff:"), "00000000002000c1");
-    assert_eq!(field("CapPrm:"), "00000000002000c3");
-    assert_eq!(field("CapBnd:"), "00000000002000c3");
+    // CAP_SETGID(6) CAP_SETUID(7) CAP_SYS_ADMIN(21); permitted adds DAC_OVERRIDE(1). No
+    // CAP_CHOWN(0): what the helper makes for a caller is made as the caller.
+    assert_eq!(field("CapEff:"), "00000000002000c0");
+    assert_eq!(field("CapPrm:"), "00000000002000c2");
+    assert_eq!(field("CapBnd:"), "00000000002000c2");
     assert_eq!(field("CapInh:"), "0000000000000000");
     assert_eq!(field("CapAmb:"), "0000000000000000");
     assert_eq!(field("NoNewPrivs:"), "1");

@@ -761,3 +761,361 @@ impl Drop for Reaper {
         }
     }
 }
+
+// ---- as asd-helper.service runs it: its own user, the unit's ambient capabilities -------------
+
+const SERVICE_UNIT: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../systemd/system/asd-helper.service"
+);
+const SOCKET_UNIT: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../systemd/system/asd-helper.socket"
+);
+
+/// The value of the (last) `KEY=` line of a unit file.
+fn unit_value(unit: &str, key: &str) -> String {
+    std::fs::read_to_string(unit)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.strip_prefix(&format!("{key}=")))
+        .next_back()
+        .unwrap_or_else(|| panic!("no {key}= in {unit}"))
+        .to_string()
+}
+
+/// The capability bits (as in /proc/PID/status) of names like `CAP_SYS_ADMIN`.
+fn cap_bits(names: &str) -> u64 {
+    names
+        .split_whitespace()
+        .map(|n| {
+            let c: caps_bits::Cap = n.parse().unwrap_or_else(|_| panic!("unknown {n}"));
+            1u64 << c.0
+        })
+        .sum()
+}
+
+mod caps_bits {
+    /// The capabilities asd-helper.service may name, with their numbers.
+    pub struct Cap(pub u32);
+    impl std::str::FromStr for Cap {
+        type Err = ();
+        fn from_str(s: &str) -> Result<Cap, ()> {
+            Ok(Cap(match s {
+                "CAP_CHOWN" => 0,
+                "CAP_DAC_OVERRIDE" => 1,
+                "CAP_DAC_READ_SEARCH" => 2,
+                "CAP_FOWNER" => 3,
+                "CAP_SETGID" => 6,
+                "CAP_SETUID" => 7,
+                "CAP_SETPCAP" => 8,
+                "CAP_SYS_ADMIN" => 21,
+                _ => return Err(()),
+            }))
+        }
+    }
+}
+
+/// The `Name:\tvalue` lines of /proc/PID/status.
+fn proc_status(pid: u32) -> std::collections::BTreeMap<String, String> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.to_string(), v.trim().to_string()))
+        .collect()
+}
+
+/// A helper started the way asd-helper.service starts it: as the system user asd-helper
+/// (created by the socket unit's own command), with the unit's ambient capabilities and
+/// bounding set and no others, in a mount namespace of its own that goes with the test.
+struct UnitHelper {
+    holder: std::process::Child,
+    helper: std::process::Child,
+    dir: PathBuf,
+    sock: PathBuf,
+    call: PathBuf,
+}
+
+impl UnitHelper {
+    fn start() -> UnitHelper {
+        // The socket unit's ExecStartPre= (systemd-sysusers --inline "u asd-helper ..."),
+        // as systemd would run it (without the outer quotes).
+        let pre = unit_value(SOCKET_UNIT, "ExecStartPre");
+        let (prog, inline) = pre
+            .split_once(" --inline ")
+            .expect("systemd-sysusers --inline");
+        let inline = inline.trim_matches('"');
+        run_ok(Command::new(prog).args(["--inline", inline]));
+        let user = unit_value(SERVICE_UNIT, "User");
+        assert_eq!(user, "asd-helper");
+        let ambient = unit_value(SERVICE_UNIT, "AmbientCapabilities");
+        assert_eq!(ambient, unit_value(SERVICE_UNIT, "CapabilityBoundingSet"));
+        let setpriv_caps = ambient
+            .split_whitespace()
+            .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase()))
+            .collect::<Vec<_>>()
+            .join(",");
+        let dir = std::env::temp_dir().join(unique("asd-helper-unit"));
+        std::fs::create_dir(&dir).unwrap();
+        let helper_user = nix::unistd::User::from_name(&user).unwrap().unwrap();
+        std::os::unix::fs::chown(
+            &dir,
+            Some(helper_user.uid.as_raw()),
+            Some(helper_user.gid.as_raw()),
+        )
+        .unwrap();
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let call = dir.join("asd-helper-call");
+        std::fs::copy(CALL, &call).unwrap();
+        let mut holder = Command::new("unshare");
+        holder
+            .args(["-m", "--propagation", "private", "sleep", "100000"])
+            .stdin(Stdio::null());
+        die_with_parent(&mut holder);
+        let holder = holder.spawn().unwrap();
+        let me = std::fs::read_link("/proc/self/ns/mnt").unwrap();
+        wait_for("unshare", 10, || {
+            std::fs::read_link(format!("/proc/{}/ns/mnt", holder.id())).is_ok_and(|ns| ns != me)
+        });
+        let sock = dir.join("sock");
+        let log = std::fs::File::create(dir.join("helper.log")).unwrap();
+        let mut cmd = Command::new("nsenter");
+        cmd.arg("-t")
+            .arg(holder.id().to_string())
+            .args(["-m", "--", "setpriv"])
+            .arg(format!("--reuid={user}"))
+            .arg(format!("--regid={user}"))
+            .arg("--clear-groups")
+            .arg(format!("--inh-caps=-all,{setpriv_caps}"))
+            .arg(format!("--ambient-caps=-all,{setpriv_caps}"))
+            .arg(format!("--bounding-set=-all,{setpriv_caps}"))
+            .arg("--")
+            .arg(HELPER)
+            .arg("--socket")
+            .arg(&sock)
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .env_remove("DBUS_SYSTEM_BUS_ADDRESS")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("ASD_HELPER_") {
+                cmd.env_remove(k);
+            }
+        }
+        die_with_parent(&mut cmd);
+        let helper = cmd.spawn().unwrap();
+        let mut h = UnitHelper {
+            holder,
+            helper,
+            dir,
+            sock,
+            call,
+        };
+        wait_for("the helper's socket", 20, || {
+            if let Ok(Some(st)) = h.helper.try_wait() {
+                panic!("asd-helper exited: {st}\n{}", h.log());
+            }
+            std::os::unix::net::UnixStream::connect(&h.sock).is_ok()
+        });
+        h
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("helper.log")).unwrap_or_default()
+    }
+
+    fn call(&self, user: &User, method: &str, params: serde_json::Value) -> serde_json::Value {
+        let out = run(as_user(user, self.call.to_str().unwrap())
+            .arg("--socket")
+            .arg(&self.sock)
+            .arg(method)
+            .arg(params.to_string()));
+        let text = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(text.trim())
+            .unwrap_or_else(|_| panic!("{method}: {text}\n{}", self.log()))
+    }
+
+    fn ok(&self, user: &User, method: &str, params: serde_json::Value) -> serde_json::Value {
+        let r = self.call(user, method, params.clone());
+        assert!(
+            r.get("error").is_none(),
+            "{method} {params}: {r}\n{}",
+            self.log()
+        );
+        r["parameters"].clone()
+    }
+
+    fn mounts_under(&self, path: &Path) -> Vec<String> {
+        let p = path.to_string_lossy().to_string();
+        std::fs::read_to_string(format!("/proc/{}/mountinfo", self.holder.id()))
+            .unwrap()
+            .lines()
+            .filter(|l| {
+                l.split(' ')
+                    .nth(4)
+                    .is_some_and(|m| m == p || m.starts_with(&format!("{p}/")))
+            })
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+impl Drop for UnitHelper {
+    fn drop(&mut self) {
+        let _ = self.helper.kill();
+        let _ = self.helper.wait();
+        let _ = self.holder.kill();
+        let _ = self.holder.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The helper as asd-helper.service runs it (not root: the asd-helper user with the unit's
+/// capabilities) keeps only what it needs, is answered by polkit (the policy's owner annotation),
+/// mounts copy and overlay targets, and makes the caller's entries in a root-owned parent
+/// the caller may not write (as the caller, with CAP_DAC_OVERRIDE for the one create).
+#[test]
+fn the_helper_as_its_unit_runs_it() {
+    if !root_or_skip("the_helper_as_its_unit_runs_it") {
+        return;
+    }
+    let alice = user("alice");
+    let mut services = Services::up();
+    let h = UnitHelper::start();
+    let helper_user = nix::unistd::User::from_name("asd-helper").unwrap().unwrap();
+    let hu = helper_user.uid.as_raw();
+
+    // What it runs with, read from the running process.
+    let st = proc_status(h.helper.id());
+    let all = cap_bits(&unit_value(SERVICE_UNIT, "CapabilityBoundingSet"));
+    let effective = all & !cap_bits("CAP_DAC_OVERRIDE");
+    let hex = |bits: u64| format!("{bits:016x}");
+    assert_eq!(st["Uid"], format!("{hu}\t{hu}\t{hu}\t{hu}"), "{st:?}");
+    assert_eq!(st["CapEff"], hex(effective), "{st:?}");
+    assert_eq!(st["CapPrm"], hex(all), "{st:?}");
+    assert_eq!(st["CapBnd"], hex(all), "{st:?}");
+    assert_eq!(st["CapInh"], hex(0), "{st:?}");
+    assert_eq!(st["CapAmb"], hex(0), "{st:?}");
+    assert_eq!(st["NoNewPrivs"], "1", "{st:?}");
+    assert_eq!(all & cap_bits("CAP_CHOWN CAP_SETPCAP CAP_FOWNER"), 0);
+
+    let vol = volatile();
+    let area = h.ok(&alice, "PrepareArea", json!({"volatile": vol.path}));
+    let area = PathBuf::from(area["area"].as_str().unwrap());
+    assert_eq!(owner(&area), alice.uid);
+
+    // In her home: copy, then overlay (overlayfs with the caller's credentials).
+    let home = Scratch::new(&alice, "unit-home");
+    let t = dir_of(&alice, &home.path.join("t"));
+    h.ok(&alice, "BindBackup", json!({"target": t, "mode": "copy"}));
+    // The RAM copy is the caller's to make.
+    run_ok(
+        as_user(&alice, "mkdir")
+            .arg("-p")
+            .arg(area.join(t.strip_prefix("/").unwrap())),
+    );
+    h.ok(&alice, "Cover", json!({"target": t, "mode": "copy"}));
+    assert_eq!(
+        h.mounts_under(&t).len(),
+        1,
+        "{:?}",
+        h.mounts_under(&home.path)
+    );
+    h.ok(&alice, "Detach", json!({"target": t}));
+    h.ok(
+        &alice,
+        "BindBackup",
+        json!({"target": t, "mode": "overlay"}),
+    );
+    h.ok(&alice, "MountOverlay", json!({"target": t}));
+    h.ok(&alice, "Cover", json!({"target": t, "mode": "overlay"}));
+    h.ok(&alice, "Detach", json!({"target": t}));
+    assert!(h.mounts_under(&home.path).is_empty());
+
+    // Outside her home, in root's /srv, allowed by a rule: the backup dir and an entry beside
+    // the target are hers from the start.
+    let srv = Path::new("/srv");
+    let (_g, alice_srv) = srv_dir(srv, &alice, "unit-srv");
+    let name = alice_srv
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let backup = srv.join(format!(".{name}-backup_asd"));
+    let old = format!(".{name}-backup_asd-old");
+    let _b = (Scratch::at(backup.clone()), Scratch::at(srv.join(&old)));
+    services.add_rules(
+        &format!("46-asd-helper-test-unit-{}.rules", std::process::id()),
+        &format!(
+            r#"polkit.addRule(function(action, subject) {{
+    if (action.id == "io.asd.helper.sync-elsewhere" && subject.user == "alice" &&
+        action.lookup("target") == "{}") {{
+        return polkit.Result.YES;
+    }}
+}});
+"#,
+            alice_srv.display()
+        ),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = h.call(
+            &alice,
+            "BindBackup",
+            json!({"target": alice_srv, "mode": "copy"}),
+        );
+        if r.get("error").is_none() {
+            break;
+        }
+        assert_eq!(
+            r["error"],
+            "io.asd.Helper.NotAuthorized",
+            "{r}\n{}",
+            h.log()
+        );
+        assert!(
+            !r.to_string().contains("trusted callers"),
+            "polkit does not answer the asd-helper user: {r}"
+        );
+        assert!(Instant::now() < deadline, "the rule was not applied: {r}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let md = std::fs::metadata(&backup).unwrap();
+    assert_eq!(
+        (
+            std::os::unix::fs::MetadataExt::uid(&md),
+            std::os::unix::fs::MetadataExt::gid(&md)
+        ),
+        (alice.uid, alice.gid)
+    );
+    h.ok(
+        &alice,
+        "MakeBeside",
+        json!({"target": alice_srv, "name": old, "kind": "dir"}),
+    );
+    assert_eq!(owner(&srv.join(&old)), alice.uid);
+    h.ok(
+        &alice,
+        "RemoveBeside",
+        json!({"target": alice_srv, "name": old}),
+    );
+    assert!(!srv.join(&old).exists());
+    let r = h.ok(&alice, "Detach", json!({"target": alice_srv}));
+    assert_eq!(r["removed"][0], backup.to_str().unwrap());
+    assert!(h.mounts_under(srv).is_empty());
+
+    // Its records are its own, and no one else's to read.
+    let state = h.dir.join("state");
+    let md = std::fs::metadata(&state).unwrap();
+    assert_eq!(std::os::unix::fs::MetadataExt::uid(&md), hu);
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&md.permissions()) & 0o777,
+        0o700
+    );
+    let log = h.log();
+    assert!(!log.contains("polkit not reachable"), "{log}");
+}

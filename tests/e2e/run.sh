@@ -505,6 +505,28 @@ $(cts "journalctl -b --no-pager -n 15 _UID=\$(id -u $u) _SYSTEMD_USER_UNIT=asd.s
     check "the helper runs in the host's mount namespace, with only its capabilities" cts '
       p=$(systemctl show -p MainPID --value asd-helper.service)
       [ "$(readlink /proc/$p/ns/mnt)" = "$(readlink /proc/1/ns/mnt)" ] && grep -E "^Cap(Eff|Bnd)" /proc/$p/status'
+    # ---- helper confinement (issue 11 item 4): read from the helper started by the socket --------
+    # It runs as the asd-helper user (created by asd-helper.socket), with exactly its unit's
+    # capabilities: CAP_SYS_ADMIN CAP_SETUID CAP_SETGID effective, CAP_DAC_OVERRIDE permitted only
+    # (raised for single calls), the same four in the bounding set, nothing inheritable or ambient,
+    # no_new_privs, a seccomp filter. The installed unit scores 3.0 or less.
+    check "helper: runs as asd-helper, CapEff=2000c0 CapPrm=CapBnd=2000c2 CapInh=CapAmb=0, no_new_privs, seccomp" cts '
+      unit=$(systemctl show -p FragmentPath --value asd-helper.service)
+      call=$(sed -n "s|^ExecStart=\(.*\)/asd-helper$|\1/asd-helper-call|p" "$unit")
+      [ "$(systemctl is-active asd-helper.service)" = active ] || runuser -u alice -- "$call" ListMounts >/dev/null
+      p=$(systemctl show -p MainPID --value asd-helper.service); u=$(id -u asd-helper) || exit 1
+      getent passwd asd-helper; grep -E "^(Uid|Cap|NoNewPrivs|Seccomp):" /proc/$p/status
+      st() { sed -n "s/^$1:[[:space:]]*//p" /proc/$p/status; }
+      [ "$(st Uid)" = "$(printf "%s\t%s\t%s\t%s" $u $u $u $u)" ] &&
+      [ "$(st CapEff)" = 00000000002000c0 ] && [ "$(st CapPrm)" = 00000000002000c2 ] &&
+      [ "$(st CapBnd)" = 00000000002000c2 ] && [ "$(st CapInh)" = 0000000000000000 ] &&
+      [ "$(st CapAmb)" = 0000000000000000 ] && [ "$(st NoNewPrivs)" = 1 ] && [ "$(st Seccomp)" = 2 ] &&
+      [ "$(stat -c %U:%a /run/asd/helper)" = asd-helper:700 ]'
+    check "helper: systemd-analyze security --offline=true on the installed unit: 3.0 or less" cts '
+      unit=$(systemctl show -p FragmentPath --value asd-helper.service)
+      systemd-analyze security --offline=true --no-pager --threshold=30 "$unit" | grep -E "^✗|Overall"
+      systemd-analyze security --offline=true --no-pager --threshold=30 "$unit" >/dev/null'
+    # ---- end of helper confinement ------------------------------------------------------------
     rss=$(cts 'grep VmRSS /proc/$(systemctl show -p MainPID --value asd-helper.service)/status' | awk '{print $2" "$3}')
     measure "asd-helper idle RSS (after serving alice and bob): $rss"
   fi
