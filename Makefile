@@ -4,6 +4,8 @@
 #   sudo make install          install under PREFIX (default /usr/local); DESTDIR is respected
 #   sudo make uninstall        remove what install put there (an edited /etc/asd.conf is kept)
 #   make verify-units          systemd-analyze verify on the units (needs the package systemd)
+#   make deb                   the Debian package, $(TARGET_DIR)/deb/asd_<version>_<arch>.deb
+#                              (dpkg-buildpackage -us -uc -b; needs debhelper)
 #
 # Everything generated goes under $(TARGET_DIR)/dist, never into the source tree.
 
@@ -41,7 +43,7 @@ UNITS_USER   := asd.service
 COMPLETIONS  := bash/asd bash/anything-sync-daemon zsh/_asd zsh/_anything-sync-daemon \
                 fish/asd.fish fish/anything-sync-daemon.fish
 
-.PHONY: all build gen install uninstall verify-units clean-dist
+.PHONY: all build gen install uninstall verify-units deb clean-dist
 
 all: build gen
 
@@ -161,6 +163,23 @@ verify-units: gen
 
 subst_verify = sed -e 's|@PREFIX@|$(PREFIX)|g' -e 's|@BINDIR@|$(abspath $(RELEASE))|g' \
                    -e 's|@LIBEXECDIR@|$(abspath $(RELEASE))|g' $(1) > $(2)
+
+# The Debian package (debian/): dpkg-buildpackage in this tree, with everything it writes next
+# to the tree (.deb, .buildinfo, .changes) put in $(DEBDIR) instead. It builds in the same cargo
+# target dir as `make`, so a release build already made is reused. Its leftovers in debian/
+# (ignored by git) go at the next `debian/rules clean`.
+DEBDIR ?= $(TARGET_DIR)/deb
+deb:
+	@command -v dpkg-buildpackage >/dev/null && command -v dh >/dev/null || { \
+	  echo "make deb needs debhelper (and build-essential): apt-get install debhelper build-essential" >&2; exit 1; }
+	rm -rf $(DEBDIR) && mkdir -p $(DEBDIR)
+	@set -e; d=$(abspath $(DEBDIR)); \
+	base=asd_$$(dpkg-parsechangelog -SVersion)_$$(dpkg-architecture -qDEB_HOST_ARCH); \
+	set -x; \
+	CARGO_TARGET_DIR=$(abspath $(TARGET_DIR)) ASD_DEB_DESTDIR=$$d dpkg-buildpackage -us -uc -b \
+	  --buildinfo-option=-u$$d --buildinfo-file=$$d/$$base.buildinfo \
+	  --changes-option=-u$$d --changes-file=$$d/$$base.changes
+	@echo; ls -1 $(abspath $(DEBDIR))/*.deb
 
 clean-dist:
 	rm -rf $(DIST)
