@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # End-to-end test of asd on real systemd (DESIGN.md §8): a Debian 12 container booted with
-# systemd-nspawn (system manager + per-user managers), asd installed into it with
-# `make install DESTDIR=...`, then the units exercised the way an admin and users would.
+# systemd-nspawn (system manager + per-user managers), asd's Debian package (`make deb`, checked
+# with lintian) installed into it with dpkg, its maintainer scripts run by the container's
+# systemd, then the units exercised the way an admin and users would, and at the end the
+# package purged again (`apt-get purge asd`), which must leave nothing of asd's behind.
+# `make install` / `make uninstall` are checked on the host, into a staging dir.
 #
 #   sudo tests/e2e/run.sh                       # every part
 #   sudo ASD_E2E_PARTS=system tests/e2e/run.sh  # only root's system-wide asd.service
@@ -16,14 +19,16 @@
 #
 # Environment:
 #   ASD_E2E_PARTS    comma-separated: install, system, user (default: all three; "system" runs
-#                    the install checks too)
+#                    the install checks too). The package is built, installed and purged in
+#                    every case; "install" adds lintian and the checks of its contents.
 #   ASD_E2E_CACHE    where the container's root file system is cached (default /var/cache/asd-e2e;
 #                    built once with debootstrap, about 250 MB, rebuilt when broken or outdated)
 #   ASD_E2E_MIRROR   Debian mirror for debootstrap (default http://deb.debian.org/debian)
 #   ASD_E2E_KEEP=1   leave the container running and its scratch dir in place at the end (debug)
 #
 # Needs root, network access the first time (apt-get, debootstrap), cargo and make. Installs
-# systemd-container and debootstrap if missing. Exits non-zero if any check failed.
+# systemd-container, debootstrap, debhelper, build-essential and lintian if missing. Exits
+# non-zero if any check failed.
 
 set -uo pipefail
 export LC_ALL=C.UTF-8
@@ -125,8 +130,8 @@ ctu() {
 }
 # Wait up to $1 seconds for the bash condition $2 (evaluated in the container) to hold.
 ct_wait() {
-  local secs=$1 cond=$2 i
-  for i in $(seq 1 $((secs * 4))); do
+  local secs=$1 cond=$2
+  for _ in $(seq 1 $((secs * 4))); do
     cts "$cond" >/dev/null 2>&1 && return 0
     sleep 0.25
   done
@@ -155,13 +160,11 @@ build_rootfs() {
   mv "$CACHE/rootfs.new" "$CACHE/rootfs.base"
 }
 
+# A fresh copy of the cached root file system, booted. (asd is installed into it afterwards,
+# from its Debian package, by the container's own dpkg.)
 boot() {
   rm -rf --one-file-system "$WORK/root"
   cp -a "$CACHE/rootfs.base" "$WORK/root" || return 1
-  make -s -C "$REPO" install DESTDIR="$WORK/root" >"$WORK/make-install.log" 2>&1 || {
-    cat "$WORK/make-install.log" >&2
-    return 1
-  }
   start_container
 }
 
@@ -171,8 +174,8 @@ start_container() {
     </dev/null >>"$WORK/console.log" 2>&1 &
   NSPAWN=$!
   CTPID=""
-  local i state
-  for i in $(seq 1 120); do
+  local state
+  for _ in $(seq 1 120); do
     CTPID=$(pgrep -P "$NSPAWN" -x systemd) && break
     kill -0 "$NSPAWN" 2>/dev/null || break
     sleep 0.25
@@ -182,6 +185,13 @@ start_container() {
     tail -n 20 "$WORK/console.log" >&2
     return 1
   fi
+  # `is-system-running --wait` waits for the boot, but not for systemd's socket to exist: it
+  # says "Failed to connect to bus" when asked the moment the container's systemd has started.
+  for _ in $(seq 1 120); do
+    [ -S "/proc/$CTPID/root/run/systemd/private" ] && break
+    kill -0 "$CTPID" 2>/dev/null || break
+    sleep 0.25
+  done
   state=$(CT_TIMEOUT=90 ct systemctl is-system-running --wait 2>&1)
   case "$state" in
     running) return 0 ;;
@@ -244,6 +254,10 @@ need=()
 command -v systemd-nspawn >/dev/null || need+=(systemd-container)
 command -v debootstrap >/dev/null || need+=(debootstrap)
 command -v make >/dev/null || need+=(make)
+# make deb: dpkg-buildpackage (dpkg-dev, pulled in by debhelper) wants build-essential too.
+command -v dh >/dev/null || need+=(debhelper)
+dpkg -s build-essential >/dev/null 2>&1 || need+=(build-essential)
+command -v lintian >/dev/null || need+=(lintian)
 if [ ${#need[@]} -gt 0 ]; then
   echo "== e2e: installing ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -312,6 +326,57 @@ if want install || want system; then
 fi
 
 # ---------------------------------------------------------------------------------------------
+# The Debian package, built on the host (make deb: dpkg-buildpackage -us -uc -b), checked with
+# lintian, and compared with what `make install PREFIX=/usr` installs. This .deb is what the
+# container gets.
+
+part "Debian package: make deb (dpkg-buildpackage -us -uc -b)"
+t0=$(now_ms)
+# No -dbgsym package: it is not installed here, and compressing its 15 MB takes a while.
+if (cd "$REPO" && DEB_BUILD_OPTIONS=noddebs make deb DEBDIR="$WORK/deb") >"$WORK/deb-build.log" 2>&1; then
+  ok "make deb ($(($(now_ms) - t0)) ms, the release build reused)"
+else
+  bad "make deb" "$(cat "$WORK/deb-build.log")"
+  exit 1
+fi
+DEB=$(ls "$WORK"/deb/asd_*_*.deb)
+note "$(cd "$WORK/deb" && ls -1 | tr '\n' ' ')"
+# Where the package put what (Debian 12: system units in /lib/systemd/system).
+SYSUNITS=/$(dpkg-deb -c "$DEB" | awk '{print $6}' | sed -n 's|^\./\(.*\)/asd-helper\.socket$|\1|p')
+USERUNITS=/usr/lib/systemd/user
+LIBEXEC=/usr/libexec
+DOCDIR=/usr/share/doc/asd
+
+if want install; then
+  # Errors and warnings fail the check (the info tags are listed in debian/'s history and README).
+  check "lintian: no errors, no warnings" bash -c '
+    out=$(lintian --fail-on error,warning --display-info "$1"/*.changes 2>&1); rc=$?
+    printf "%s\n" "$out"; [ $rc -eq 0 ]' _ "$WORK/deb" &&
+    note "lintian: $(lintian --display-info "$WORK"/deb/*.changes 2>/dev/null | sed 's/^\(.\): asd[^:]*: \([^ ]*\).*/\1:\2/' | sort | uniq -c | tr -s ' \n' ' ')"
+  # Every file `make install PREFIX=/usr` installs is in the package, in Debian's places: system
+  # units where debhelper takes them, zsh completions in zsh's vendor directory, man pages
+  # compressed.
+  S2="$WORK/stage-usr"
+  make -s -C "$REPO" install PREFIX=/usr DESTDIR="$S2" >/dev/null 2>&1
+  norm() { sed -e 's|^\./||' -e 's|^usr/lib/systemd/system/|lib/systemd/system/|' \
+    -e 's|^usr/share/zsh/site-functions/|usr/share/zsh/vendor-completions/|' \
+    -e 's|^\(usr/share/man/man./.*\.[0-9]\)$|\1.gz|' | sort; }
+  in_deb=$(dpkg-deb -c "$DEB" | awk '$1 !~ /^d/ {print $6}' | norm)
+  from_make=$(cd "$S2" && find . \( -type f -o -type l \) | norm)
+  check "the .deb holds everything make install PREFIX=/usr installs" bash -c '
+    missing=$(comm -23 <(printf "%s\n" "$1") <(printf "%s\n" "$2")); extra=$(comm -13 <(printf "%s\n" "$1") <(printf "%s\n" "$2"))
+    echo "only in the .deb: $(echo $extra)"; [ -z "$missing" ] || { echo "missing from the .deb: $missing"; exit 1; }' _ \
+    "$from_make" "$in_deb"
+  check "the .deb: /etc/asd.conf is its only conffile; units run /usr/bin/asd and /usr/libexec/asd-helper" bash -c '
+    x=$(mktemp -d) && dpkg-deb -x "$1" "$x" && dpkg-deb -e "$1" "$x/DEBIAN" &&
+    [ "$(cat "$x/DEBIAN/conffiles")" = /etc/asd.conf ] &&
+    grep -qx "ExecStart=/usr/libexec/asd-helper" "$x$2/asd-helper.service" &&
+    grep -qx "ExecStart=/usr/bin/asd daemon" "$x$2/asd.service" &&
+    grep -qx "ExecStart=/usr/bin/asd daemon" "$x/usr/lib/systemd/user/asd.service" &&
+    [ -z "$(cd "$x" && find . -path "*/local/*")" ]; r=$?; rm -rf "$x"; exit $r' _ "$DEB" "$SYSUNITS"
+fi
+
+# ---------------------------------------------------------------------------------------------
 # Boot
 
 part "boot a Debian 12 container with systemd-nspawn (rootfs cached in $CACHE)"
@@ -321,7 +386,38 @@ if ! boot; then
   poweroff
   build_rootfs && boot || { bad "container boots" "see above"; exit 1; }
 fi
-ok "container booted to multi-user ($(($(now_ms) - t0)) ms incl. copy + make install)"
+ok "container booted to multi-user ($(($(now_ms) - t0)) ms incl. copying the root file system)"
+
+# ---------------------------------------------------------------------------------------------
+# The package, installed the way an admin installs it: dpkg in the running system, so that its
+# maintainer scripts run under the container's systemd.
+
+part "install ${DEB##*/} in the container (dpkg -i; maintainer scripts under systemd)"
+cp "$DEB" "$WORK/root/root/"
+t0=$(now_ms)
+if out=$(ct dpkg -i "/root/${DEB##*/}" 2>&1); then
+  ok "dpkg -i ${DEB##*/} ($(($(now_ms) - t0)) ms)"
+else
+  bad "dpkg -i ${DEB##*/}" "$out"
+  exit 1
+fi
+rm -f "$WORK/root/root/${DEB##*/}"
+check "dpkg: asd is installed, with /etc/asd.conf as a conffile" cts '
+  dpkg-query -W -f="\${Status}\n\${Conffiles}\n" asd; [ "$(dpkg-query -W -f="\${Status}" asd)" = "install ok installed" ] &&
+  dpkg-query -W -f="\${Conffiles}\n" asd | grep -q "^ /etc/asd.conf [0-9a-f]*$"'
+check "postinst: asd-helper.socket enabled and listening (/run/asd/io.asd.Helper, 0666, in /run/asd 0755 from tmpfiles); the helper not started" cts '
+  [ "$(systemctl is-enabled asd-helper.socket)" = enabled ] && [ "$(systemctl is-active asd-helper.socket)" = active ] &&
+  [ "$(stat -c %a /run/asd/io.asd.Helper)" = 666 ] && [ "$(stat -c %a:%U /run/asd)" = 755:root ] &&
+  [ "$(systemctl is-active asd-helper.service)" = inactive ]'
+check "postinst: nothing that syncs is enabled or started (root's asd.service; the user unit for nobody)" cts '
+  for q in "systemctl is-enabled asd.service" "systemctl is-active asd.service" "systemctl --global is-enabled asd.service"; do
+    echo "$q: $($q)"; done
+  [ "$(systemctl is-enabled asd.service)" = disabled ] && [ "$(systemctl is-active asd.service)" = inactive ] &&
+  [ "$(systemctl --global is-enabled asd.service)" = disabled ] && [ -z "$(find /etc/systemd -name "asd.service")" ]'
+check "installed in /usr (asd, asd-helper in $LIBEXEC, man pages, completions), nothing in /usr/local" cts "
+  asd --version && [ -x $LIBEXEC/asd-helper ] && [ -x $LIBEXEC/asd-helper-call ] &&
+  [ -e /usr/share/man/man8/asd-helper.8.gz ] && [ -e /usr/share/bash-completion/completions/asd ] &&
+  [ -e $DOCDIR/50-asd-helper.rules.example ] && [ -z \"\$(find /usr/local -name '*asd*')\" ]"
 
 VOL=""
 for v in /tmp /dev/shm; do
@@ -336,20 +432,20 @@ part "units: systemd-analyze verify, security"
 ct systemctl daemon-reload
 check "systemd-analyze verify: asd.service asd-helper.service asd-helper.socket (system)" bash -c '
   out=$(timeout 60 nsenter -t '"$CTPID"' -a -- env -i PATH=/usr/bin:/bin:/usr/sbin:/sbin systemd-analyze verify --man=no \
-    /usr/local/lib/systemd/system/asd.service /usr/local/lib/systemd/system/asd-helper.service \
-    /usr/local/lib/systemd/system/asd-helper.socket 2>&1); rc=$?
+    '"$SYSUNITS"'/asd.service '"$SYSUNITS"'/asd-helper.service \
+    '"$SYSUNITS"'/asd-helper.socket 2>&1); rc=$?
   printf "%s" "$out"; [ $rc -eq 0 ] && ! printf "%s" "$out" | grep -q "asd"'
 check "systemd-analyze verify --user: asd.service" bash -c '
   out=$(timeout 60 nsenter -t '"$CTPID"' -a -- env -i PATH=/usr/bin:/bin:/usr/sbin:/sbin XDG_RUNTIME_DIR=/tmp \
-    systemd-analyze verify --man=no --user /usr/local/lib/systemd/user/asd.service 2>&1); rc=$?
+    systemd-analyze verify --man=no --user '"$USERUNITS"'/asd.service 2>&1); rc=$?
   printf "%s" "$out"; [ $rc -eq 0 ] && ! printf "%s" "$out" | grep -q "asd"'
 start_limits() {
   local out
   out=$(ct systemctl show -p StartLimitBurst -p StartLimitIntervalUSec asd.service) || return 1
   echo "system: $out"
   grep -qx StartLimitBurst=5 <<<"$out" && grep -qx StartLimitIntervalUSec=2min <<<"$out" &&
-    grep -qx StartLimitIntervalSec=2min "$WORK/root/usr/local/lib/systemd/user/asd.service" &&
-    grep -qx StartLimitBurst=5 "$WORK/root/usr/local/lib/systemd/user/asd.service"
+    grep -qx StartLimitIntervalSec=2min "$WORK/root$USERUNITS/asd.service" &&
+    grep -qx StartLimitBurst=5 "$WORK/root$USERUNITS/asd.service"
 }
 check "asd.service (system and user): restarts bounded, 5 starts in 2 min (StartLimitBurst/IntervalSec)" start_limits
 sec=$(ct systemd-analyze security --no-pager asd-helper.service 2>&1 | grep 'Overall exposure level')
@@ -582,7 +678,7 @@ $(cts "journalctl -b --no-pager -n 15 _UID=\$(id -u $u) _SYSTEMD_USER_UNIT=asd.s
       [ \"\$(stat -c %U /home/bob/proj)\" = bob ] && [ \"\$(stat -c %U:%a $VOL2/asd-bob)\" = bob:700 ] &&
       [ \"\$(findmnt -n -o FSTYPE --target $VOL2/asd-bob)\" = tmpfs ] && [ \"\$(cat /home/bob/proj/src/main.c)\" = b0 ]"
     check "bob cannot touch alice's target through the helper" ctu bob '
-      ! /usr/local/libexec/asd-helper-call BindBackup "{\"target\":\"/home/alice/data\",\"mode\":\"copy\"}"'
+      ! /usr/libexec/asd-helper-call BindBackup "{\"target\":\"/home/alice/data\",\"mode\":\"copy\"}"'
     ctu bob 'echo b1 > ~/proj/src/new.c && rm ~/proj/src/main.c'
     sleep 4
     check "bob: systemctl --user stop asd: clean exit" ctu bob '
@@ -616,22 +712,22 @@ $(cts "journalctl -b --no-pager -n 15 _UID=\$(id -u $u) _SYSTEMD_USER_UNIT=asd.s
   # io.asd.helper.sync-elsewhere (auth_admin: refused without an agent) unless a rule allows it.
   cts "mkdir -p /srv/bob && chown bob: /srv/bob"
   check "polkit: bob's /srv/bob (outside his home) is refused by polkit, not for want of polkit" ctu bob '
-    out=$(/usr/local/libexec/asd-helper-call BindBackup "{\"target\":\"/srv/bob\",\"mode\":\"copy\"}" 2>&1); rc=$?
+    out=$(/usr/libexec/asd-helper-call BindBackup "{\"target\":\"/srv/bob\",\"mode\":\"copy\"}" 2>&1); rc=$?
     echo "$out"; [ $rc -eq 1 ] && grep -q NotAuthorized <<<"$out" && ! grep -qi "not reachable" <<<"$out"'
   # The installed example, with its "one user, one place" rule uncommented and pointed at bob.
   sed -e 's|/srv/alice|/srv/bob|g' -e 's|subject.user == "alice"|subject.user == "bob"|' \
-    "$WORK/root/usr/local/share/doc/asd/50-asd-helper.rules.example" |
+    "$WORK/root$DOCDIR/50-asd-helper.rules.example" |
     awk '/One user, one place/ { blk = 1; print; next }
          blk && /^\/\/ }\);/ { sub(/^\/\/ ?/, ""); print; blk = 0; next }
          blk { sub(/^\/\/ ?/, ""); print; next }
          { print }' | ct bash -c 'cat > /etc/polkit-1/rules.d/50-asd-helper.rules'
   check "polkit: with the example rule for one user and one place, bob may keep /srv/bob in RAM" ct_wait 10 '
-    runuser -u bob -- /usr/local/libexec/asd-helper-call BindBackup "{\"target\":\"/srv/bob\",\"mode\":\"copy\"}" &&
+    runuser -u bob -- /usr/libexec/asd-helper-call BindBackup "{\"target\":\"/srv/bob\",\"mode\":\"copy\"}" &&
     findmnt --mountpoint /srv/.bob-backup_asd >/dev/null && [ "$(stat -c %U /srv/.bob-backup_asd)" = bob ]'
   check "polkit: alice may still not (the rule names bob), and bob's mount is undone by Detach" cts '
-    chown alice: /srv/bob; out=$(runuser -u alice -- /usr/local/libexec/asd-helper-call BindBackup "{\"target\":\"/srv/bob\",\"mode\":\"copy\"}" 2>&1)
+    chown alice: /srv/bob; out=$(runuser -u alice -- /usr/libexec/asd-helper-call BindBackup "{\"target\":\"/srv/bob\",\"mode\":\"copy\"}" 2>&1)
     echo "$out"; chown bob: /srv/bob; grep -q "NotAuthorized\|NotOwner\|BackupInUse" <<<"$out" || exit 1
-    runuser -u bob -- /usr/local/libexec/asd-helper-call Detach "{\"target\":\"/srv/bob\"}" &&
+    runuser -u bob -- /usr/libexec/asd-helper-call Detach "{\"target\":\"/srv/bob\"}" &&
     ! findmnt --mountpoint /srv/.bob-backup_asd && [ ! -e /srv/.bob-backup_asd ]'
   check "the helper reached polkit from its sandbox (no \"polkit not reachable\" in its log)" cts '
     ! journalctl -b -u asd-helper.service --no-pager -o cat | grep -i "polkit not reachable"'
@@ -811,6 +907,71 @@ if [ "$KEEP" != 1 ]; then
     check "$t: written back at shutdown, unmounted cleanly" bash -c "
       [ \"\$(cat '$root_dir$t/shutdown.txt')\" = bye ] && [ ! -e '$root_dir$b' ]"
   done
+fi
+
+# ---------------------------------------------------------------------------------------------
+# Purge (after every other check): the container is booted again from the same disk, where
+# root's asd.service and the users' asd units enabled above start by themselves, and
+# `apt-get purge asd` must stop them all (everything written back, nothing left mounted), and
+# leave nothing of the package behind: no file of it (dpkg purges /etc/asd.conf too, edited or
+# not), no unit known to systemd, no enablement symlink or debhelper state, no /run/asd, no
+# process. What stays is the users' own: their configs and data.
+
+if [ "$KEEP" != 1 ]; then
+  part "apt-get purge asd (the container booted again, asd running for root and users)"
+  t0=$(now_ms)
+  if start_container; then
+    ok "the container boots again ($(($(now_ms) - t0)) ms)"
+    # The test's own drop-in for the helper (an admin's file, not the package's) goes first.
+    cts 'rm -rf /etc/systemd/system/asd-helper.service.d && systemctl daemon-reload'
+    running=()
+    if want system && [ "${sys_up:-0}" = 1 ] &&
+      ct_wait 60 '[ "$(systemctl is-active asd)" = active ] && findmnt --mountpoint /srv/big >/dev/null'; then
+      cts 'echo purge > /srv/big/purge.txt' && running+=(/srv/big)
+    fi
+    if want user && [ "${up[alice]:-0}" = 1 ] &&
+      ct_wait 60 "[ \"\$(runuser -u alice -- env XDG_RUNTIME_DIR=/run/user/\$(id -u alice) systemctl --user is-active asd)\" = active ] &&
+        findmnt --mountpoint /home/alice/big >/dev/null"; then
+      ctu alice 'echo purge > ~/big/purge.txt' && running+=(/home/alice/big)
+    fi
+    note "in RAM when the package is purged: ${running[*]:-nothing}"
+    cts 'dpkg-query -L asd > /root/asd.files; ps -eo user:10,args | grep "[a]sd" | grep -v grep' | sed 's/^/        | /'
+    t0=$(now_ms)
+    if out=$(CT_TIMEOUT=300 cts 'DEBIAN_FRONTEND=noninteractive apt-get purge -y asd' 2>&1); then
+      ok "apt-get purge -y asd ($(($(now_ms) - t0)) ms)"
+    else
+      bad "apt-get purge -y asd" "$out"
+    fi
+    check "dpkg knows nothing of asd any more (not even its config files)" cts '
+      s=$(dpkg-query -W -f="\${db:Status-Abbrev}" asd 2>/dev/null); echo "status: ${s:-none}"; [ -z "$s" ] || [ "$s" = "un " ]'
+    check "no file the package installed is left (/etc/asd.conf, edited, purged too)" cts '
+      left=$(while read -r f; do [ -d "$f" ] && continue; [ -e "$f" ] || [ -L "$f" ] && echo "$f"; done < /root/asd.files)
+      echo "$left"; [ -z "$left" ] && [ ! -e /usr/share/doc/asd ] && [ -z "$(ls -d /etc/asd.conf* 2>/dev/null)" ]'
+    check "systemd knows no asd unit (system or user); no enablement symlink or debhelper state left" cts '
+      systemctl daemon-reload
+      u=$(systemctl list-unit-files --no-legend "asd*"; systemctl --global list-unit-files --no-legend "asd*")
+      l=$(find /etc/systemd /var/lib/systemd/deb-systemd-helper-enabled /var/lib/systemd/deb-systemd-user-helper-enabled \
+            /var/lib/systemd/deb-systemd-helper-masked -name "*asd*" 2>/dev/null)
+      echo "units: $u"; echo "left: $l"; [ -z "$u" ] && [ -z "$l" ]'
+    check "no process of asd's, no /run/asd" cts '
+      p=$(ps -eo pid,user,args | grep -E "[/ ]asd( |$)|asd-helper" | grep -v grep); echo "$p"
+      ls -lAR /run/asd 2>/dev/null; [ -z "$p" ] && [ ! -e /run/asd ]'
+    for t in "${running[@]}"; do
+      parent=${t%/*} name=${t##*/}
+      check "$t: stopped at removal, written back (what was in RAM only is on disk), unmounted, nothing beside it" cts "
+        ! findmnt -rn -o TARGET | grep -E '^$parent/' && [ \"\$(cat $t/purge.txt)\" = purge ] &&
+        [ -z \"\$(ls -A $parent | grep '^\\.$name-backup_asd')\" ]"
+    done
+    check "nothing of asd's mounted anywhere; the users' own files kept (alice's config and data)" cts '
+      m=$(findmnt -rn -o TARGET,FSTYPE | grep -E "^(/home|/srv|/var/lib)/"); echo "$m"; [ -z "$m" ] &&
+      { ! id alice >/dev/null 2>&1 || [ -s /home/alice/.config/asd/asd.conf ]; }'
+    areas=$(cts "ls -d $VOL/asd-* $VOL2/asd-* 2>/dev/null | sort -u | while read -r d; do echo \"\$d(\$(ls -A \$d | wc -l) entries)\"; done" | tr '\n' ' ')
+    note "RAM areas left in tmpfs (the users' own, 0700): ${areas:-none}"
+    note "system user asd-helper (made by asd-helper.socket), kept as Debian keeps system users: $(cts 'getent passwd asd-helper || echo none')"
+    poweroff
+  else
+    bad "the container boots again for the purge" "$(tail -n 20 "$WORK/console.log")"
+  fi
 fi
 
 part "e2e summary ($(($(date +%s) - START)) s)"
