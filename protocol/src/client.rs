@@ -12,7 +12,7 @@
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
@@ -59,6 +59,83 @@ impl ClientError {
 impl From<FrameError> for ClientError {
     fn from(e: FrameError) -> ClientError {
         ClientError::Protocol(e.to_string())
+    }
+}
+
+/// How long a caller turned away at capacity ([`ServiceError::is_capacity`]) waits between
+/// tries: exponentially longer from `first` to `max`, each wait drawn at random between half and
+/// all of it (so that the many clients of a login storm, turned away at the same moment, do not
+/// all come back at the same moment), for at most `budget` in all.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    next: Duration,
+    max: Duration,
+    budget: Duration,
+    started: Instant,
+    tries: u32,
+    seed: u64,
+}
+
+impl Backoff {
+    /// What the asd manager uses: 100 ms doubling up to 5 s, for at most 5 minutes (within the
+    /// 10 minutes systemd gives asd.service to start and stop; a thousand users stopping at
+    /// once kept one helper, on 2 CPUs, busy with their unmounts for about 4).
+    pub const FIRST: Duration = Duration::from_millis(100);
+    pub const MAX: Duration = Duration::from_secs(5);
+    pub const BUDGET: Duration = Duration::from_secs(300);
+
+    pub fn new(first: Duration, max: Duration, budget: Duration) -> Backoff {
+        // Jitter needs no good randomness, only different numbers in different processes.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let seed = (u64::from(std::process::id()) << 32 | u64::from(nanos)) | 1;
+        Backoff {
+            next: first,
+            max,
+            budget,
+            started: Instant::now(),
+            tries: 0,
+            seed,
+        }
+    }
+
+    /// The next wait, or `None` once the budget is spent (the caller gives up).
+    pub fn next_delay(&mut self) -> Option<Duration> {
+        let left = self.budget.checked_sub(self.started.elapsed())?;
+        if left.is_zero() {
+            return None;
+        }
+        // xorshift64: a different wait for every client and every try.
+        self.seed ^= self.seed << 13;
+        self.seed ^= self.seed >> 7;
+        self.seed ^= self.seed << 17;
+        let full = self.next.min(self.max);
+        let half = full / 2;
+        let spread = u64::try_from((full - half).as_micros())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let wait = (half + Duration::from_micros(self.seed % spread)).min(left);
+        self.next = full.saturating_mul(2);
+        self.tries += 1;
+        Some(wait)
+    }
+
+    /// Waits handed out so far.
+    pub fn tries(&self) -> u32 {
+        self.tries
+    }
+
+    /// Time since the first try.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+}
+
+impl Default for Backoff {
+    fn default() -> Backoff {
+        Backoff::new(Backoff::FIRST, Backoff::MAX, Backoff::BUDGET)
     }
 }
 
@@ -275,5 +352,48 @@ impl Client {
     /// The caller's area and mounts.
     pub fn list_mounts(&mut self) -> Result<MountList, ClientError> {
         decode(self.call(Method::ListMounts)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_jitters_and_ends() {
+        let mut b = Backoff::new(
+            Duration::from_millis(100),
+            Duration::from_millis(800),
+            Duration::from_secs(3600),
+        );
+        let waits: Vec<Duration> = (0..8).filter_map(|_| b.next_delay()).collect();
+        assert_eq!(waits.len(), 8);
+        let caps = [100, 200, 400, 800, 800, 800, 800, 800];
+        for (w, cap) in waits.iter().zip(caps) {
+            let cap = Duration::from_millis(cap);
+            assert!(
+                *w >= cap / 2 && *w <= cap,
+                "{w:?} not in [{:?}, {cap:?}]",
+                cap / 2
+            );
+        }
+        assert_eq!(b.tries(), 8);
+        // Two clients started at the same moment do not wait alike.
+        let mut c = Backoff::new(
+            Duration::from_secs(1),
+            Duration::from_secs(1),
+            Duration::MAX,
+        );
+        let mut d = c.clone();
+        d.seed ^= 0x9e37_79b9_7f4a_7c15;
+        let same = (0..16).filter(|_| c.next_delay() == d.next_delay()).count();
+        assert!(same < 4, "{same} of 16 waits alike");
+        // The budget bounds the whole.
+        let mut e = Backoff::new(
+            Duration::from_secs(1),
+            Duration::from_secs(1),
+            Duration::ZERO,
+        );
+        assert_eq!(e.next_delay(), None);
     }
 }

@@ -37,8 +37,11 @@ pub enum ServiceError {
     #[error("calls with {flag:?} set are not supported")]
     NotSupported { flag: String },
     #[serde(rename = "io.asd.Helper.TooManyConnections")]
-    #[error("too many connections from this user (limit {limit})")]
+    #[error("too many connections from this user: the helper allows {limit} per user (its --max-connections-per-uid); retry when some are closed")]
     TooManyConnections { limit: u64 },
+    #[serde(rename = "io.asd.Helper.AtCapacity")]
+    #[error("the helper is at capacity for all users: {limit} connections served at once and {queue} waiting (its --max-connections and --max-queued); nothing was done, retry later")]
+    AtCapacity { limit: u64, queue: u64 },
     #[serde(rename = "io.asd.Helper.Timeout")]
     #[error("the request did not finish within {seconds} s")]
     Timeout { seconds: u64 },
@@ -161,6 +164,15 @@ impl ServiceError {
         })
     }
 
+    /// Whether the helper turned the connection away for lack of room (this user's connections,
+    /// or everyone's) before doing anything: the same call may be tried again later.
+    pub fn is_capacity(&self) -> bool {
+        matches!(
+            self,
+            ServiceError::TooManyConnections { .. } | ServiceError::AtCapacity { .. }
+        )
+    }
+
     /// A `SystemError` for a failed operation.
     pub fn system(operation: impl Into<String>, errno: i32) -> ServiceError {
         ServiceError::SystemError {
@@ -186,6 +198,7 @@ mod tests {
             ServiceError::MessageTooLarge { limit: 1 },
             ServiceError::NotSupported { flag: s() },
             ServiceError::TooManyConnections { limit: 1 },
+            ServiceError::AtCapacity { limit: 1, queue: 2 },
             ServiceError::Timeout { seconds: 1 },
             ServiceError::InvalidMode { mode: s() },
             ServiceError::InvalidPath {
