@@ -39,12 +39,23 @@ struct Args {
     /// Largest message accepted, in bytes.
     #[arg(long, env = "ASD_HELPER_MAX_MESSAGE", default_value_t = asd_protocol::DEFAULT_MAX_MESSAGE)]
     max_message: usize,
-    /// Open connections allowed per uid.
+    /// Open connections allowed per uid, served or waiting; more are refused
+    /// (TooManyConnections).
     #[arg(long, env = "ASD_HELPER_MAX_CONNECTIONS_PER_UID", default_value_t = 16)]
     max_connections_per_uid: usize,
-    /// Open connections allowed in all.
+    /// Connections served at once, for all users; more wait for a place.
     #[arg(long, env = "ASD_HELPER_MAX_CONNECTIONS", default_value_t = 256)]
     max_connections: usize,
+    /// Connections that may wait for a place, for all users; more are refused (AtCapacity).
+    #[arg(long, env = "ASD_HELPER_MAX_QUEUED", default_value_t = 4096)]
+    max_queued: usize,
+    /// Seconds a connection may wait for a place, and a request for its turn to run, before
+    /// it is refused (AtCapacity).
+    #[arg(long, env = "ASD_HELPER_QUEUE_TIMEOUT", default_value_t = 20)]
+    queue_timeout: u64,
+    /// Requests run at once, for all users (one per user at a time).
+    #[arg(long, env = "ASD_HELPER_MAX_REQUESTS", default_value_t = 16)]
+    max_requests: usize,
     /// Seconds a connection may stay silent before it is closed.
     #[arg(long, env = "ASD_HELPER_IDLE_TIMEOUT", default_value_t = 60)]
     idle_timeout: u64,
@@ -57,6 +68,50 @@ struct Args {
 }
 
 const SD_LISTEN_FDS_START: RawFd = 3;
+
+/// Descriptors a running request may hold at once: the target, its parent, the backup, the
+/// volatile dir, a mount's descriptor, the caller's pidfd and the connection to the system bus.
+const FDS_PER_REQUEST: u64 = 8;
+/// Descriptors for everything else: the listener, the records, the log, refusals in progress.
+const FDS_RESERVED: u64 = 128 + server::MAX_REFUSING as u64;
+
+/// Raises the soft limit on open descriptors to the hard one (systemd starts services with
+/// 1024, far fewer than a login storm's connections need) and fits the waiting connections into
+/// what there is, so that a storm finds the helper at its documented limits, not at EMFILE.
+fn fit_descriptors(limits: &mut server::Limits) {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut lim = getrlimit(Resource::Nofile);
+    if let (Some(cur), Some(max)) = (lim.current, lim.maximum) {
+        if cur < max {
+            lim.current = Some(max);
+            match setrlimit(Resource::Nofile, lim) {
+                Ok(()) => tracing::debug!("open files: raised the soft limit from {cur} to {max}"),
+                Err(e) => {
+                    tracing::debug!("open files: cannot raise the soft limit {cur}: {e}");
+                    lim.current = Some(cur);
+                }
+            }
+        }
+    }
+    let Some(have) = lim.current else {
+        return; // unlimited
+    };
+    // A socket each, and what the requests running at once hold.
+    let served = (limits.total as u64)
+        .saturating_add((limits.requests as u64).saturating_mul(FDS_PER_REQUEST));
+    let room = have.saturating_sub(served.saturating_add(FDS_RESERVED));
+    if (limits.queue as u64) > room {
+        let queue = usize::try_from(room).unwrap_or(usize::MAX);
+        tracing::warn!(
+            "open files limited to {have}: {} connections served at once need about {}, so only {queue} \
+             (not {}) may wait for a place; raise LimitNOFILE= of asd-helper.service or lower --max-connections",
+            limits.total,
+            served.saturating_add(FDS_RESERVED),
+            limits.queue
+        );
+        limits.queue = queue;
+    }
+}
 
 /// The listening socket passed by systemd, if any (LISTEN_PID must be us, LISTEN_FDS ≥ 1).
 fn systemd_socket() -> anyhow::Result<Option<std::os::unix::net::UnixListener>> {
@@ -177,13 +232,17 @@ fn main() -> anyhow::Result<()> {
         caps::keep()
     );
 
-    let limits = server::Limits {
+    let mut limits = server::Limits {
         max_message: args.max_message,
         per_uid: args.max_connections_per_uid.max(1),
         total: args.max_connections.max(1),
+        queue: args.max_queued,
+        queue_wait: Duration::from_secs(args.queue_timeout.max(1)),
+        requests: args.max_requests.max(1),
         idle: Duration::from_secs(args.idle_timeout.max(1)),
         request: Duration::from_secs(args.request_timeout.max(1)),
     };
+    fit_descriptors(&mut limits);
     let exit_idle = match (args.exit_idle, activated) {
         (Some(0), _) => None,
         (Some(s), _) => Some(Duration::from_secs(s)),
