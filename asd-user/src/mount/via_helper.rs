@@ -5,7 +5,7 @@
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 
-use asd_protocol::client::{Client, ClientError};
+use asd_protocol::client::{Backoff, Client, ClientError};
 use asd_protocol::error::ServiceError;
 use asd_protocol::Mode as WireMode;
 
@@ -32,10 +32,31 @@ impl ViaHelper {
         }
     }
 
-    /// Run one call, connecting on first use and reconnecting once if the helper went away (it
-    /// exits when idle and is started again by its socket).
+    /// Run one call, connecting on first use.
+    ///
+    /// - The helper went away (it exits when idle and is started again by its socket), or
+    ///   closed our silent connection to make room for others: reconnect and send the call
+    ///   again, a few times. A call the helper did not answer because it closed the connection
+    ///   first was not done: it reads a call only whole, and closes only between calls.
+    /// - The helper is at capacity (a login storm), for everyone or for this user: it did
+    ///   nothing; wait, longer each time, and try again, for up to [`Backoff::BUDGET`].
+    /// - The call took longer than the helper's request time (a storm keeps the kernel's mount
+    ///   table busy), or than our wait for the reply: the helper may still be doing it. Only a
+    ///   step that may be done twice ([`Again::Safe`]) is asked again; the helper runs a
+    ///   user's calls one after another, so the second waits for the first to end.
     fn call<T>(&self, f: impl Fn(&mut Client) -> Result<T, ClientError>) -> Result<T, MountError> {
-        for attempt in 0..2 {
+        self.call_with(Again::Unsafe, f)
+    }
+
+    fn call_with<T>(
+        &self,
+        again: Again,
+        f: impl Fn(&mut Client) -> Result<T, ClientError>,
+    ) -> Result<T, MountError> {
+        const RECONNECTS: u32 = 3;
+        let mut reconnects = 0;
+        let mut backoff = Backoff::default();
+        loop {
             let mut slot = self.client.borrow_mut();
             if slot.is_none() {
                 *slot = Some(Client::connect(&self.socket).map_err(|e| self.explain(e))?);
@@ -44,18 +65,75 @@ impl ViaHelper {
                 continue;
             };
             match f(client) {
-                Ok(v) => return Ok(v),
-                Err(ClientError::Io(e)) if attempt == 0 => {
-                    tracing::debug!("helper connection lost ({e}); reconnecting");
+                Ok(v) => {
+                    if backoff.tries() > 0 {
+                        tracing::info!(
+                            "the asd helper served us after {} tries in {:.1} s",
+                            backoff.tries() + 1,
+                            backoff.elapsed().as_secs_f64()
+                        );
+                    }
+                    return Ok(v);
+                }
+                Err(ClientError::Service(e)) if e.is_capacity() => {
+                    // The helper closes a connection it turned away.
                     *slot = None;
+                    drop(slot);
+                    let Some(wait) = backoff.next_delay() else {
+                        return Err(MountError::Helper(format!(
+                            "{e}; gave up after {} tries in {:.0} s",
+                            backoff.tries() + 1,
+                            backoff.elapsed().as_secs_f64()
+                        )));
+                    };
+                    if backoff.tries() == 1 {
+                        tracing::warn!("{e}; trying again in {} ms", wait.as_millis());
+                    } else {
+                        tracing::info!(
+                            "still turned away ({} tries): {e}; trying again in {} ms",
+                            backoff.tries(),
+                            wait.as_millis()
+                        );
+                    }
+                    std::thread::sleep(wait);
+                }
+                Err(e) if again == Again::Safe && slow(&e) => {
+                    // A reply that timed out leaves the connection out of step: a new one.
+                    if matches!(e, ClientError::Io(_)) {
+                        *slot = None;
+                    }
+                    drop(slot);
+                    let Some(wait) = backoff.next_delay() else {
+                        return Err(self.explain(e));
+                    };
+                    tracing::warn!(
+                        "the asd helper is slow ({e}); asking again in {} ms (this step may be repeated)",
+                        wait.as_millis()
+                    );
+                    std::thread::sleep(wait);
+                }
+                Err(ClientError::Io(e)) if reconnects < RECONNECTS && !timed_out(&e) => {
+                    tracing::debug!("helper connection lost ({e}); reconnecting");
+                    reconnects += 1;
+                    *slot = None;
+                    drop(slot);
+                    // At once the first time (a connection closed while we were silent); after
+                    // a pause if it happens again (a helper turning connections away unanswered).
+                    if reconnects > 1 {
+                        if let Some(wait) = backoff.next_delay() {
+                            std::thread::sleep(wait);
+                        }
+                    }
+                }
+                Err(ClientError::Io(e)) if !timed_out(&e) => {
+                    return Err(MountError::Helper(format!(
+                        "the asd helper at {} keeps closing the connection ({e}); see `journalctl -u asd-helper`",
+                        self.socket.display()
+                    )));
                 }
                 Err(e) => return Err(self.explain(e)),
             }
         }
-        Err(MountError::Helper(format!(
-            "the asd helper at {} keeps closing the connection; see `journalctl -u asd-helper`",
-            self.socket.display()
-        )))
     }
 
     /// Turn a helper failure into a message that names the reason and the fix.
@@ -82,7 +160,7 @@ impl ViaHelper {
 
     /// Detach everything recorded for `target`; nothing recorded is fine (already detached).
     fn detach(&self, target: &Path) -> Result<(), MountError> {
-        let reply = self.call(|c| match c.detach(target) {
+        let reply = self.call_with(Again::Safe, |c| match c.detach(target) {
             Ok(r) => Ok(Some(r)),
             Err(ClientError::Service(ServiceError::NotMounted { .. })) => Ok(None),
             Err(e) => Err(e),
@@ -90,6 +168,33 @@ impl ViaHelper {
         tracing::debug!("helper detach of {}: {reply:?}", target.display());
         Ok(())
     }
+}
+
+/// Whether a call may be sent again after a reply that did not come in time.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Again {
+    /// Doing it twice is doing it once: preparing the area, freezing or thawing the cover,
+    /// detaching (the second finds nothing mounted).
+    Safe,
+    /// A second mount would fail (already mounted) or do more than asked.
+    Unsafe,
+}
+
+/// The helper did not answer in time: its request timed out, or our wait for the reply did.
+fn slow(e: &ClientError) -> bool {
+    match e {
+        ClientError::Service(ServiceError::Timeout { .. }) => true,
+        ClientError::Io(e) => timed_out(e),
+        _ => false,
+    }
+}
+
+/// A reply that did not come in time: the helper may still be doing the call.
+fn timed_out(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
+    )
 }
 
 impl Default for ViaHelper {
@@ -100,7 +205,7 @@ impl Default for ViaHelper {
 
 impl Mounter for ViaHelper {
     fn prepare_area(&self, volatile: &Path, area: &Path, _owner: &Owner) -> Result<(), MountError> {
-        let got = self.call(|c| c.prepare_area(volatile))?;
+        let got = self.call_with(Again::Safe, |c| c.prepare_area(volatile))?;
         if got != area {
             return Err(MountError::Helper(format!(
                 "the helper prepared {} but asd expected {}; are the helper and asd the same version?",
@@ -126,7 +231,7 @@ impl Mounter for ViaHelper {
     }
 
     fn freeze(&self, t: &TargetState) -> Result<bool, MountError> {
-        let frozen = self.call(|c| c.freeze(&t.paths.target, true))?;
+        let frozen = self.call_with(Again::Safe, |c| c.freeze(&t.paths.target, true))?;
         if !frozen {
             tracing::warn!(
                 "{}: could not make it read-only for the final write-back; files are open for writing",
@@ -137,7 +242,8 @@ impl Mounter for ViaHelper {
     }
 
     fn thaw(&self, t: &TargetState) -> Result<(), MountError> {
-        self.call(|c| c.freeze(&t.paths.target, false)).map(|_| ())
+        self.call_with(Again::Safe, |c| c.freeze(&t.paths.target, false))
+            .map(|_| ())
     }
 
     /// The helper takes a target apart in one step (cover, overlay, backup).
