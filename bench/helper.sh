@@ -1,11 +1,19 @@
 #!/usr/bin/env bash
 # Benchmark of the per-user path (not a test): round-trip time of a cheap helper call, and a full
 # sync + unsync of a small target through the helper (as a user) versus in-process (as root), on
-# the same tree in the same run. Runs in a private mount namespace, as root.
+# the same tree in the same run. Runs in a private mount namespace, as root. STORM_USERS=1000
+# first runs the login storm test with that many users and prints its figures.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:/root/.cargo/bin:$PATH"
 [ "$(id -u)" -eq 0 ] || { echo "run as root" >&2; exit 1; }
+if [ -z "${ASD_BENCH_INSIDE:-}" ] && [ -n "${STORM_USERS:-}" ]; then
+  # Login storm (several minutes): STORM_USERS users (asdstorm0001..) sync and unsync at once
+  # through one helper, with a greedy user alongside; seconds, retries and the helper's peak RSS.
+  cargo build --quiet --release --workspace   # the test starts the helper built beside asd
+  ASD_STORM_USERS=$STORM_USERS cargo test --quiet --release -p asd-user --test storm \
+    login_storm -- --nocapture 2>&1 | grep -E '^storm: .* users:' || { echo "storm failed" >&2; exit 1; }
+fi
 if [ -z "${ASD_BENCH_INSIDE:-}" ]; then
   cargo build --quiet --release --workspace --examples
   id asdbench >/dev/null 2>&1 || useradd -m -s /bin/sh asdbench

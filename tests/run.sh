@@ -31,12 +31,24 @@ echo "== test users"
 # *ubu. A home left 0755 by an older run of these tests is made private again.
 # alicedeb has the 0755 home of Debian's plain useradd.
 # asdfs700/asdfs750/asdfs755 are the home file system matrix's users, one per home mode.
-for u in asdtest1 asdalice asdbob alice bob asdubu aliceubu alicedeb asdfs700 asdfs750 asdfs755; do
-  case $u in *ubu|*750) mode=0750 ;; *deb|*755) mode=0755 ;; *) mode=0700 ;; esac
-  id "$u" >/dev/null 2>&1 || useradd -m -s /bin/sh -K HOME_MODE=$mode "$u"
-  home=$(getent passwd "$u" | cut -d: -f6)
-  [ "$(stat -c %a "$home")" = "${mode#0}" ] || chmod "$mode" "$home"
+# asdstorm0001.. and asdstormhog are the login storm's (asd-user/tests/storm.rs): ASD_STORM_USERS
+# users at once (default 400; 1000 for the whole goal), all 0700 whatever their number ends in,
+# made once per machine (useradd takes about 0.1 s each here), so the loop asks getent and stat
+# once for all.
+declare -A home=() want=()
+while IFS=: read -r name _ _ _ _ dir _; do home[$name]=$dir; done < <(getent passwd)
+for u in asdtest1 asdalice asdbob alice bob asdubu aliceubu alicedeb asdfs700 asdfs750 asdfs755 \
+         asdstormhog $(seq -f 'asdstorm%04g' 1 "${ASD_STORM_USERS:-400}"); do
+  case $u in asdstorm*) mode=0700 ;; *ubu|*750) mode=0750 ;; *deb|*755) mode=0755 ;; *) mode=0700 ;; esac
+  if [ -z "${home[$u]:-}" ]; then
+    useradd -m -s /bin/sh -K HOME_MODE=$mode "$u"
+    home[$u]=$(getent passwd "$u" | cut -d: -f6)
+  fi
+  want[${home[$u]}]=${mode#0}
 done
+while read -r have dir; do
+  [ "$have" = "${want[$dir]}" ] || chmod "${want[$dir]}" "$dir"
+done < <(stat -c '%a %n' "${!want[@]}")
 
 # The tests run asd, the helper's client and test binaries as those users: the build must be
 # reachable by them. A checkout under a private home (/root is 0700) builds elsewhere.
