@@ -305,6 +305,11 @@ impl ConnSlot {
         }
         // Counted under the same lock as the per-uid counts: `open` only grows here.
         if activity.open.load(Ordering::SeqCst) >= limits.total.saturating_add(limits.queue) {
+            // No entry stays behind for a uid refused with none open: the map holds only uids
+            // with connections.
+            if *n == 0 {
+                map.remove(&uid);
+            }
             return Err(limits.at_capacity());
         }
         *n += 1;

@@ -146,6 +146,9 @@ fn refusals_name_the_limit_that_was_hit() {
         "--max-connections-per-uid",
         "2",
     ]);
+    // The probes with which the fixture saw the helper listen were root's connections too:
+    // a call served (after them, first come first served) makes sure they are gone.
+    h.ok(&bob, "ListMounts", json!({}));
     let busy = Trickle::start(&h);
     // Root's busy connection has the place; root's second one waits.
     std::thread::sleep(Duration::from_millis(200));
