@@ -435,6 +435,7 @@ impl Engine<'_> {
                         durable: false,
                         since: None,
                         marks: None,
+                        start_clone: None,
                     },
                     None,
                 )
@@ -551,6 +552,8 @@ impl Engine<'_> {
                 durable: true,
                 since,
                 marks,
+                // What the write-back changes of the start state is kept there first.
+                start_clone: nsops::exists(&p.old).then(|| p.old.clone()),
             },
             Mode::Overlay => Job::Persist {
                 upper: p.upper.clone(),

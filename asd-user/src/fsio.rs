@@ -95,6 +95,33 @@ pub(crate) fn lstat_at(dir: BorrowedFd<'_>, name: &CStr) -> rustix::io::Result<M
     rfs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW).map(|st| Meta::from_stat(&st))
 }
 
+/// The birth time of `name` in `dir` (never following a symlink), or None where the filesystem
+/// records none (statx leaves `STATX_BTIME` out of its mask). ext4 (256-byte inodes), xfs and
+/// btrfs record it. An empty `name` is `dir` itself.
+pub(crate) fn btime_at(dir: BorrowedFd<'_>, name: &CStr) -> rustix::io::Result<Option<Timestamp>> {
+    let st = rfs::statx(
+        dir,
+        name,
+        AtFlags::SYMLINK_NOFOLLOW | AtFlags::EMPTY_PATH,
+        rfs::StatxFlags::TYPE | rfs::StatxFlags::BTIME,
+    )?;
+    Ok(
+        (st.stx_mask & rfs::StatxFlags::BTIME.bits() != 0).then_some(Timestamp {
+            sec: st.stx_btime.tv_sec,
+            nsec: i64::from(st.stx_btime.tv_nsec),
+        }),
+    )
+}
+
+/// The clock inode times are taken from (the kernel's coarse real-time clock), now.
+pub(crate) fn inode_clock_now() -> Timestamp {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::RealtimeCoarse);
+    Timestamp {
+        sec: t.tv_sec,
+        nsec: t.tv_nsec,
+    }
+}
+
 pub(crate) fn fstat(fd: BorrowedFd<'_>) -> rustix::io::Result<Meta> {
     rfs::fstat(fd).map(|st| Meta::from_stat(&st))
 }

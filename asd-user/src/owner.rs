@@ -36,6 +36,10 @@ pub enum Job {
         /// looked at (see `copy::sync_tree_journaled`); `since` is then ignored.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         marks: Option<crate::journal::DirtyTree>,
+        /// The target's start clone (`-old`): what the write-back replaces or deletes of the
+        /// start state is kept there first (see `copy::write_back`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        start_clone: Option<PathBuf>,
     },
     /// Give `dst` (a directory) the mode, times and user xattrs of `src`: the overlay's upper
     /// root decides what the merged root looks like.
@@ -43,15 +47,20 @@ pub enum Job {
         src: PathBuf,
         dst: PathBuf,
     },
-    /// Hard-linked clone of `src` into the existing empty directory `dst`.
+    /// The start-state clone of `src` in the existing empty directory `dst` (see
+    /// `copy::start_clone`).
     Clone {
         src: PathBuf,
         dst: PathBuf,
     },
-    /// Write a tar.zstd of `src` (members under `top`) to the passed descriptor.
+    /// Write a tar.zstd of `src` (members under `top`) to the passed descriptor; with `current`,
+    /// `src` is a start clone and the archive the start state it keeps of `current` (see
+    /// `snapshot::write_start_state_to`).
     Snapshot {
         src: PathBuf,
         top: PathBuf,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        current: Option<PathBuf>,
     },
     /// Remove everything inside `path`, keeping `path` itself (its parent may not be the owner's).
     Empty {
@@ -295,6 +304,7 @@ fn execute(job: &Job, fd: Option<OwnedFd>) -> Result<Output, String> {
             durable,
             since,
             marks,
+            start_clone,
         } => {
             let opts = CopyOptions {
                 delete: *delete,
@@ -303,20 +313,18 @@ fn execute(job: &Job, fd: Option<OwnedFd>) -> Result<Output, String> {
             };
             // Into RAM (not durable) every byte is written: the bytes have a total too.
             let _counting = crate::progress::begin_copy(src, !*durable);
-            match marks {
-                Some(m) => copy::sync_tree_journaled(src, dst, &opts, m),
-                None => copy::sync_tree(src, dst, &opts),
-            }
-            .map(Output::Stats)
-            .map_err(|x| e(&x))
+            copy::write_back(src, dst, &opts, marks.as_ref(), start_clone.as_deref())
+                .map(Output::Stats)
+                .map_err(|x| e(&x))
         }
         Job::MatchDirMeta { src, dst } => match_dir_meta(src, dst).map(|_| Output::Done),
-        Job::Clone { src, dst } => copy::hardlink_clone(src, dst)
+        Job::Clone { src, dst } => copy::start_clone(src, dst)
             .map(Output::Stats)
             .map_err(|x| e(&x)),
-        Job::Snapshot { src, top } => {
+        Job::Snapshot { src, top, current } => {
             let fd = fd.ok_or("no output descriptor for the snapshot")?;
-            crate::snapshot::write_to(src, top.as_os_str(), std::fs::File::from(fd))
+            let file = std::fs::File::from(fd);
+            crate::snapshot::write_start_state_to(src, current.as_deref(), top.as_os_str(), file)
                 .map(Output::Bytes)
                 .map_err(|x| e(&x))
         }

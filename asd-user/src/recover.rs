@@ -166,23 +166,35 @@ pub fn recover(
 
     // The snapshot keeps the start state (or, without one, the disk as found) before anything
     // on disk changes.
+    // The start state is the start clone's entries with the disk's start entries it lacks
+    // (see `copy::keep`): the disk is read through the backup mount while the target is covered,
+    // else through the target; with the target covered and no backup mount, after the uncover.
+    let mut snapshot_after_uncover = false;
     if cfg.use_backups {
-        let src = if nsops::exists(&p.old) {
-            p.old.clone()
+        let (src, current) = if nsops::exists(&p.old) {
+            let current = if found.backup_mounted {
+                &p.backup
+            } else {
+                &p.target
+            };
+            (&p.old, Some(current.as_path()))
         } else {
-            p.target.clone()
+            (&p.target, None)
         };
         if let Some(kept) = snapshot_of_start_clone(p) {
-            // An earlier attempt that then failed took it: the clone never changes, so the
-            // same state is kept once, and repeated attempts do not rotate older snapshots out.
+            // An earlier attempt that then failed took it: nothing changed the clone since, so
+            // the same state is kept once, and repeated attempts do not rotate older snapshots
+            // out.
             tracing::info!(
                 "{}: keeping the snapshot an earlier recovery attempt took: {}",
                 p.target.display(),
                 kept.display()
             );
             rec.snapshot = Some(kept);
+        } else if nsops::exists(&p.old) && found.covered && !found.backup_mounted {
+            snapshot_after_uncover = true;
         } else if !found.covered || nsops::exists(&p.old) {
-            rec.snapshot = Some(take_snapshot(t, &src)?);
+            rec.snapshot = Some(take_snapshot(t, src, current)?);
             snapshot::enforce_limit(p.parent(), &p.snapshot_prefix(), cfg.backup_limit)?;
         }
     }
@@ -201,6 +213,10 @@ pub fn recover(
     if found.covered {
         m.uncover(t)?;
     }
+    if snapshot_after_uncover {
+        rec.snapshot = Some(take_snapshot(t, &p.old, Some(&p.target))?);
+        snapshot::enforce_limit(p.parent(), &p.snapshot_prefix(), cfg.backup_limit)?;
+    }
     if trusted && t.mode == Mode::Copy {
         // The target path shows the original directory again: write the RAM copy into it.
         owner::run(
@@ -212,6 +228,9 @@ pub fn recover(
                 durable: true,
                 since: None,
                 marks: None,
+                // The snapshot holds the start state by now; should it have to be taken again
+                // (this attempt fails, and the next does not find it), the clone still does.
+                start_clone: nsops::exists(&p.old).then(|| p.old.clone()),
             },
             None,
         )?;
@@ -280,7 +299,7 @@ fn check_backup_dir_gone(p: &TargetPaths) -> Result<(), RecoverError> {
 }
 
 /// A crash-recovery snapshot of the start clone `-old` that already exists: one named and written
-/// after the clone was made (its change time: made once at sync, never changed after) can only
+/// after the clone last changed (its change time: write-backs add to it, recovery does not) can only
 /// have been taken of it, by an earlier recovery attempt, as recovery snapshots the clone
 /// whenever it exists (a snapshot copied in from elsewhere keeps its older name). The target
 /// itself is no such source: between attempts its programs may write to it.
@@ -317,7 +336,11 @@ fn snapshot_of_start_clone(p: &TargetPaths) -> Option<std::path::PathBuf> {
 
 /// Write a crash-recovery snapshot of `src` as the owner; the file is created by the manager
 /// (the parent directory may be root's) and written by the owner through the passed descriptor.
-pub fn take_snapshot(t: &TargetState, src: &Path) -> Result<std::path::PathBuf, RecoverError> {
+pub fn take_snapshot(
+    t: &TargetState,
+    src: &Path,
+    current: Option<&Path>,
+) -> Result<std::path::PathBuf, RecoverError> {
     let p = &t.paths;
     let final_path = snapshot::unique_snapshot_path(p);
     let mut tmp = final_path.as_os_str().to_os_string();
@@ -333,6 +356,7 @@ pub fn take_snapshot(t: &TargetState, src: &Path) -> Result<std::path::PathBuf, 
     let job = Job::Snapshot {
         src: src.to_path_buf(),
         top: p.name().into(),
+        current: current.map(Path::to_path_buf),
     };
     if let Err(e) = owner::run(&t.owner, &job, Some(file.into())) {
         let _ = nsops::unlink(&tmp);

@@ -75,7 +75,7 @@ pub fn create(src_dir: &Path, top_name: &OsStr, out: &Path) -> Result<u64, Snaps
         .mode(0o600)
         .open(&tmp)
         .map_err(ioe("create", &tmp))?;
-    match write_archive(file, src_dir, Path::new(top_name), &tmp) {
+    match write_archive(file, src_dir, None, Path::new(top_name), &tmp) {
         Ok(size) => {
             fs::rename(&tmp, out).map_err(ioe("rename", out))?;
             File::open(parent)
@@ -95,6 +95,21 @@ pub fn create(src_dir: &Path, top_name: &OsStr, out: &Path) -> Result<u64, Snaps
 /// creates it where the owner may not, and the owner writes it through the descriptor). fsync'd;
 /// the caller renames it into place. Returns the compressed size in bytes.
 pub fn write_to(src_dir: &Path, top_name: &OsStr, file: File) -> Result<u64, SnapshotError> {
+    write_start_state_to(src_dir, None, top_name, file)
+}
+
+/// [`write_to`] of the start state a start clone `clone` keeps (see `copy::keep`): its entries
+/// born by the start (the clone's birth), and those of `current` (the tree the clone was made
+/// of, as it is now) born by the start that the clone lacks; directories with the clone's
+/// metadata where it has them. Without `current`, or where the filesystem records no birth
+/// times (the clone is then a full one), the clone alone.
+pub fn write_start_state_to(
+    clone: &Path,
+    current: Option<&Path>,
+    top_name: &OsStr,
+    file: File,
+) -> Result<u64, SnapshotError> {
+    let src_dir = clone;
     let mut comps = Path::new(top_name).components();
     if !matches!(
         (comps.next(), comps.next()),
@@ -105,12 +120,19 @@ pub fn write_to(src_dir: &Path, top_name: &OsStr, file: File) -> Result<u64, Sna
     write_archive(
         file,
         src_dir,
+        current,
         Path::new(top_name),
         Path::new("(snapshot descriptor)"),
     )
 }
 
-fn write_archive(file: File, src: &Path, top: &Path, tmp: &Path) -> Result<u64, SnapshotError> {
+fn write_archive(
+    file: File,
+    src: &Path,
+    current: Option<&Path>,
+    top: &Path,
+    tmp: &Path,
+) -> Result<u64, SnapshotError> {
     let enc = zstd::Encoder::new(file, ZSTD_LEVEL).map_err(ioe("zstd", tmp))?;
     let mut builder = tar::Builder::new(enc);
     builder.follow_symlinks(false);
@@ -123,7 +145,25 @@ fn write_archive(file: File, src: &Path, top: &Path, tmp: &Path) -> Result<u64, 
             source: io::Error::new(io::ErrorKind::InvalidInput, "not a directory"),
         });
     }
-    append_tree(&mut builder, src, top, &root, &mut links)?;
+    match (current, root.created()) {
+        (Some(cur), Ok(start)) => {
+            let cur = fs::symlink_metadata(cur)
+                .is_ok_and(|m| m.is_dir())
+                .then_some(cur);
+            let dirs = File::open(src)
+                .and_then(|d| copy::start_dirs::read(std::os::fd::AsFd::as_fd(&d)))
+                .map_err(ioe("read", src))?;
+            let mut m = Merge {
+                b: &mut builder,
+                start,
+                links: &mut links,
+                dirs,
+                top,
+            };
+            m.dir(Some(src), cur, top, &root)?;
+        }
+        _ => append_tree(&mut builder, src, top, &root, &mut links)?,
+    }
     let enc = builder.into_inner().map_err(ioe("write", tmp))?;
     let file = enc.finish().map_err(ioe("write", tmp))?;
     file.sync_all().map_err(ioe("fsync", tmp))?;
@@ -219,6 +259,112 @@ fn append_tree(
         debug!(?path, "socket not included in the snapshot");
     }
     Ok(())
+}
+
+/// The start state of a start clone and its tree (see [`write_start_state_to`]).
+struct Merge<'a> {
+    b: &'a mut Builder,
+    /// The clone's birth.
+    start: std::time::SystemTime,
+    links: &'a mut HashMap<(u64, u64), PathBuf>,
+    /// The start directories' metadata, where the clone has a list of them.
+    dirs: copy::start_dirs::StartDirs,
+    /// The members' top directory (the tree's root).
+    top: &'a Path,
+}
+
+impl Merge<'_> {
+    /// The header of directory `name`: its start metadata where listed, else `meta`'s.
+    fn dir_header(&self, name: &Path, meta: &fs::Metadata) -> tar::Header {
+        let rel = name.strip_prefix(self.top).unwrap_or(name);
+        let Some(d) = self.dirs.get(rel.as_os_str().as_bytes()) else {
+            return header(meta);
+        };
+        let mut h = header(meta);
+        h.set_mode(d.perm);
+        h.set_uid(u64::from(d.uid));
+        h.set_gid(u64::from(d.gid));
+        h.set_mtime(u64::try_from(d.mtime.0).unwrap_or(0));
+        h
+    }
+
+    /// There at the start (an entry without a birth time counts as such).
+    fn at_start(&self, m: &fs::Metadata) -> bool {
+        m.created().map_or(true, |t| t <= self.start)
+    }
+
+    /// Appends directory `name` with metadata `meta`, and below it the start entries of
+    /// `kept` (a directory of the clone made by asd, whose entries take precedence) and of
+    /// `cur` (a start directory of the tree).
+    fn dir(
+        &mut self,
+        kept: Option<&Path>,
+        cur: Option<&Path>,
+        name: &Path,
+        meta: &fs::Metadata,
+    ) -> Result<(), SnapshotError> {
+        let mut h = self.dir_header(name, meta);
+        self.b
+            .append_data(&mut h, name, io::empty())
+            .map_err(ioe("write", name))?;
+        let mut children = Vec::new();
+        for dir in [kept, cur].into_iter().flatten() {
+            let rd = match fs::read_dir(dir) {
+                Ok(rd) => rd,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(ioe("readdir", dir)(e)),
+            };
+            for entry in rd {
+                children.push(entry.map_err(ioe("readdir", dir))?.file_name());
+            }
+        }
+        // Sorted: reproducible archives.
+        children.sort();
+        children.dedup();
+        let lstat = |dir: Option<&Path>, child: &OsStr| -> Result<_, SnapshotError> {
+            let Some(dir) = dir else { return Ok(None) };
+            let p = dir.join(child);
+            match fs::symlink_metadata(&p) {
+                Ok(m) => Ok(Some((p, m))),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(ioe("lstat", &p)(e)),
+            }
+        };
+        for child in children {
+            let cname = name.join(&child);
+            // The clone's entries are the start's (a copy's birth says nothing); its leftover
+            // temporaries are not.
+            let k = if child
+                .as_bytes()
+                .starts_with(crate::copy::TEMP_PREFIX.as_bytes())
+            {
+                None
+            } else {
+                lstat(kept, &child)?
+            };
+            let c = lstat(cur, &child)?;
+            match (k, c) {
+                // A start directory: the clone's metadata, the start entries of both.
+                (Some((kp, km)), c) if km.is_dir() => {
+                    let cdir = c
+                        .as_ref()
+                        .filter(|(_, m)| m.is_dir())
+                        .map(|(p, _)| p.as_path());
+                    self.dir(Some(&kp), cdir, &cname, &km)?;
+                }
+                (Some((kp, km)), _) => append_tree(self.b, &kp, &cname, &km, self.links)?,
+                (None, Some((cp, cm))) if self.at_start(&cm) => {
+                    if cm.is_dir() {
+                        self.dir(None, Some(&cp), &cname, &cm)?;
+                    } else {
+                        append_tree(self.b, &cp, &cname, &cm, self.links)?;
+                    }
+                }
+                (None, _) => {}
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Yields exactly `left` bytes: a file that shrank while being archived is padded with zeros

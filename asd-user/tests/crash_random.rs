@@ -335,10 +335,14 @@ fn leftover_clone(user_mode: bool, which: &str) {
         _ => PathBuf::from(format!("{}.asd-trash", p.old.display())),
     };
     // What the crash left: the clone (renamed to what the crash interrupted), holding links to
-    // half of the target's files.
+    // half of the target's files. asd's clone holds only directories where the filesystem
+    // records birth times (see copy::keep): the links are added as a full clone has them (asd
+    // 6.0's, or asd's where there are no birth times).
     let ns = site.ns();
     ns.sh_ok(&format!(
-        "set -e; mv '{old}' '{clone}'; cd '{clone}'; find . -type f -name 'f*[02468]' -delete",
+        "set -e; mv '{old}' '{clone}'; cp -al '{target}/.' '{clone}/'; cd '{clone}'; \
+         find . -type f -name 'f*[02468]' -delete",
+        target = target.display(),
         old = p.old.display(),
         clone = clone.display()
     ));

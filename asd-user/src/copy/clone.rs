@@ -1,5 +1,6 @@
 //! [`hardlink_clone`]: a `cp -al` of a tree (directories recreated, regular files hard-linked),
-//! used for asd's start-state clone.
+//! and [`start_clone`], asd's start-state clone: the directories only, filled in as write-backs
+//! change the start state (see [`super::keep`]), or a full `cp -al` where that cannot be.
 
 use std::ffi::{CStr, OsStr};
 use std::os::fd::{AsFd, BorrowedFd};
@@ -11,12 +12,13 @@ use rustix::io::Errno;
 use tracing::warn;
 
 use crate::fsio::{
-    fstat, is_user_xattr, list_dir, lstat_at, mode, read_xattrs, wanted_xattr, Ids, Meta, XRef,
-    DIR_FLAGS,
+    btime_at, fstat, inode_clock_now, is_user_xattr, list_dir, lstat_at, mode, read_xattrs,
+    wanted_xattr, Ids, Meta, XRef, DIR_FLAGS,
 };
 
-use super::helpers::open_root;
+use super::helpers::{join_rel, list_dir_typed, open_root, push_rel};
 use super::prefetch::Prefetch;
+use super::start_dirs;
 use super::{cerr, CopyError, CopyStats};
 
 /// Like `cp -al`: recreates the directories of `src` (with their metadata) at `dst` and
@@ -25,6 +27,135 @@ use super::{cerr, CopyError, CopyStats};
 /// the same filesystem as `src`. The result is made durable (syncfs) before returning, so the
 /// caller can rename it into its final place.
 pub fn hardlink_clone(src: &Path, dst: &Path) -> Result<CopyStats, CopyError> {
+    clone_tree(src, dst)
+}
+
+/// The start-state clone of `src` in the existing empty directory `dst` (same filesystem):
+/// only the list of `src`'s directories and their metadata ([`super::start_dirs`]), and the
+/// root's metadata; write-backs fill it in (see [`super::keep`]). `dst`'s birth is the start:
+/// this waits for the inode clock to pass it, so that whatever is written after it returns is
+/// born later. A full hard-linked clone instead where that cannot tell the start entries: the
+/// filesystem records no birth times, the clock does not move on, or an entry of `src` is born
+/// after `dst` (the clock was set back). Durable when it returns.
+pub fn start_clone(src: &Path, dst: &Path) -> Result<CopyStats, CopyError> {
+    let dfd = open_root(dst)?;
+    let Some(born) = btime_at(dfd.as_fd(), c"").map_err(|e| cerr("statx", dst.to_path_buf(), e))?
+    else {
+        return clone_tree(src, dst);
+    };
+    // The coarse clock ticks every few milliseconds; a second means it is not moving forward.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    while inode_clock_now() <= born {
+        if std::time::Instant::now() > deadline {
+            warn!(
+                ?dst,
+                "the clock does not pass the start clone's birth: cloning every file"
+            );
+            return clone_tree(src, dst);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    let sfd = open_root(src)?;
+    let sm = fstat(sfd.as_fd()).map_err(|e| cerr("stat", src.to_path_buf(), e))?;
+    let dm = fstat(dfd.as_fd()).map_err(|e| cerr("stat", dst.to_path_buf(), e))?;
+    let mut scan = Scan {
+        start: born,
+        skip: (dm.dev, dm.ino),
+        list: Vec::new(),
+        rel: Vec::new(),
+        buf: Vec::new(),
+        root: src,
+        stats: CopyStats::default(),
+    };
+    start_dirs::push(&mut scan.list, b"", &start_dirs::DirMeta::of(&sm));
+    // The walk waits on one cold metadata read after another: keep several in flight ahead.
+    let scanned = Prefetch::around(sfd.as_fd(), || scan.dir(sfd.as_fd()))?;
+    if !scanned {
+        warn!(
+            ?src,
+            "entries born after the start clone (the clock was set back?): cloning every file"
+        );
+        return clone_tree(src, dst);
+    }
+    start_dirs::write(dfd.as_fd(), &scan.list).map_err(|e| {
+        cerr(
+            "write",
+            dst.join(OsStr::from_bytes(start_dirs::NAME.to_bytes())),
+            e,
+        )
+    })?;
+    let mut c = Cloner {
+        skip: scan.skip,
+        ids: Ids::current(),
+        stats: scan.stats,
+        buf: Vec::new(),
+        src: src.to_path_buf(),
+        dst: dst.to_path_buf(),
+    };
+    c.dir_meta(sfd.as_fd(), dfd.as_fd(), &sm)?;
+    rfs::syncfs(&dfd).map_err(|e| cerr("syncfs", dst.to_path_buf(), e))?;
+    Ok(c.stats)
+}
+
+/// The walk of [`start_clone`]: every directory's metadata into `list`; stops (Ok(false)) at
+/// the first entry born after `start`.
+struct Scan<'a> {
+    start: crate::copy::Timestamp,
+    /// The clone itself, should it lie inside the source.
+    skip: (u64, u64),
+    list: Vec<u8>,
+    rel: Vec<u8>,
+    buf: Vec<u8>,
+    root: &'a Path,
+    stats: CopyStats,
+}
+
+impl Scan<'_> {
+    fn path(&self, name: Option<&CStr>) -> PathBuf {
+        join_rel(self.root, &self.rel, name)
+    }
+
+    fn dir(&mut self, s: BorrowedFd<'_>) -> Result<bool, CopyError> {
+        let names =
+            list_dir_typed(s, &mut self.buf).map_err(|e| cerr("readdir", self.path(None), e))?;
+        for (name, kind) in names {
+            match btime_at(s, &name) {
+                Ok(Some(b)) if b > self.start => return Ok(false),
+                Ok(_) => {}
+                Err(Errno::NOENT) => {
+                    self.stats.vanished += 1;
+                    continue;
+                }
+                Err(e) => return Err(cerr("statx", self.path(Some(&name)), e)),
+            }
+            if kind != FileType::Directory && kind != FileType::Unknown {
+                continue;
+            }
+            let sub = match rfs::openat(s, &name, DIR_FLAGS, Mode::empty()) {
+                Ok(fd) => fd,
+                // Not a directory (an unknown type), or gone.
+                Err(Errno::NOENT) | Err(Errno::NOTDIR) | Err(Errno::LOOP) => continue,
+                Err(e) => return Err(cerr("open", self.path(Some(&name)), e)),
+            };
+            let m = fstat(sub.as_fd()).map_err(|e| cerr("stat", self.path(Some(&name)), e))?;
+            if (m.dev, m.ino) == self.skip {
+                continue;
+            }
+            let len = push_rel(&mut self.rel, &name);
+            start_dirs::push(&mut self.list, &self.rel, &start_dirs::DirMeta::of(&m));
+            self.stats.dirs_created += 1;
+            let r = self.dir(sub.as_fd());
+            self.rel.truncate(len);
+            if !r? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// [`hardlink_clone`].
+fn clone_tree(src: &Path, dst: &Path) -> Result<CopyStats, CopyError> {
     let sfd = open_root(src)?;
     let sm = fstat(sfd.as_fd()).map_err(|e| cerr("stat", src.to_path_buf(), e))?;
     let dfd = match rfs::open(dst, DIR_FLAGS, Mode::empty()) {

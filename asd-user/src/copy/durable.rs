@@ -1,6 +1,7 @@
 //! Durable mode, phases 2 to 5 (see the module documentation): the deferred renames,
 //! deletions and directory metadata the walk queued, and the `syncfs` calls between them.
 
+use std::collections::HashSet;
 use std::ffi::{CStr, CString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
@@ -82,9 +83,50 @@ impl Engine<'_> {
             join_rel(self.dst_root, rel, name)
         };
         let renames = std::mem::take(&mut self.renames);
+        let early = std::mem::take(&mut self.early_deletions);
+        let mut deletions = std::mem::take(&mut self.deletions);
+        // The start clone (see `super::keep`): a copy of every start entry about to be
+        // replaced or deleted, made durable by phase 2's syncfs; one that cannot be kept is
+        // neither replaced nor deleted (a later write-back retries).
+        let mut keeper = self.keeper.take();
+        let mut unkept = HashSet::new();
+        let mut undeletable = HashSet::new();
+        if let Some(k) = keeper.as_mut() {
+            let doomed: Vec<(usize, CString)> = renames
+                .iter()
+                .map(|j| (j.dir, j.to.clone()))
+                .chain(early.iter().chain(&deletions).cloned())
+                .collect();
+            let mut failed = Vec::new();
+            for (n, (i, name)) in doomed.iter().enumerate() {
+                let rel = dirs.get(*i).map(|d| d.rel.clone()).unwrap_or_default();
+                let Some(dir) = self.deferred_dir(root, &mut dirs, *i) else {
+                    continue;
+                };
+                if let Err(e) = k.keep(n, &rel, dir, name) {
+                    failed.push((n, e));
+                }
+            }
+            k.copy_files();
+            failed.extend(k.take_failed());
+            for (n, e) in failed {
+                self.fail(e);
+                if n < renames.len() {
+                    unkept.insert(n);
+                } else if let Some(d) = doomed.get(n) {
+                    undeletable.insert(d.clone());
+                }
+            }
+        }
+        let keeping = keeper.as_ref().is_some_and(|k| k.has_pending());
         // Phase 2: all temporary data durable before any rename.
-        if !renames.is_empty() {
-            if let Err(e) = self.syncfs_all() {
+        if !renames.is_empty() || keeping {
+            let synced = self.syncfs_all();
+            let committed = match (synced, keeper.as_mut()) {
+                (Ok(()), Some(k)) if keeping => k.commit(),
+                (r, _) => r,
+            };
+            if let Err(e) = committed {
                 // Nothing may be renamed now: remove the temporaries instead.
                 for job in &renames {
                     if let Some(dir) = self.deferred_dir(root, &mut dirs, job.dir) {
@@ -94,11 +136,16 @@ impl Engine<'_> {
                 return Err(e);
             }
         }
+        if let Some(k) = keeper.as_ref().filter(|k| k.kept > 0) {
+            tracing::debug!(kept = k.kept, "start entries kept in the start clone");
+        }
         // Between phases 2 and 3: the destination's logs of databases about to be replaced
         // (see `super::databases`), durably gone before the new copies are renamed in.
-        let early = std::mem::take(&mut self.early_deletions);
         let mut removed = 0;
         for (i, name) in &early {
+            if undeletable.contains(&(*i, name.clone())) {
+                continue;
+            }
             let Some(dir) = self.deferred_dir(root, &mut dirs, *i) else {
                 continue;
             };
@@ -124,8 +171,12 @@ impl Engine<'_> {
             let Some(dir) = self.deferred_dir(root, &mut dirs, job.dir) else {
                 continue;
             };
+            if unkept.contains(&n) {
+                let _ = remove_tree(dir, &job.from, &mut self.dirbuf);
+                continue;
+            }
             match self.rename_into_place(dir, &job.from, &job.to, job.exchange) {
-                Ok(Some(old)) => self.deletions.push((job.dir, old)),
+                Ok(Some(old)) => deletions.push((job.dir, old)),
                 Ok(None) => {}
                 Err(e) => {
                     let _ = remove_tree(dir, &job.from, &mut self.dirbuf);
@@ -136,11 +187,13 @@ impl Engine<'_> {
         }
         // Phase 4: deletions, after the renames are durable (a file moved to another directory
         // must exist at its new place before its old place goes).
-        let deletions = std::mem::take(&mut self.deletions);
         if !deletions.is_empty() {
             self.syncfs_all()?;
         }
         for (i, name) in &deletions {
+            if undeletable.contains(&(*i, name.clone())) {
+                continue;
+            }
             let Some(dir) = self.deferred_dir(root, &mut dirs, *i) else {
                 continue;
             };

@@ -144,6 +144,9 @@ pub(super) struct Engine<'a> {
     /// before any rename (an old log beside a database renamed into place would be replayed
     /// into it).
     pub(super) early_deletions: Vec<(usize, CString)>,
+    /// Durable mode into a backup with a start clone: what the write-back replaces or deletes
+    /// of the start state is kept there first (see [`super::keep`]).
+    pub(super) keeper: Option<super::keep::Keeper>,
 }
 
 /// How a write-back treats the SQLite databases it meets (see [`super::databases`]).
@@ -200,6 +203,7 @@ impl<'a> Engine<'a> {
                 layer: false,
             }),
             early_deletions: Vec::new(),
+            keeper: None,
         }
     }
 

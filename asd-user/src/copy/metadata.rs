@@ -35,7 +35,12 @@ impl Engine<'_> {
         }
         // A read-only file cannot get new user xattrs, even from its owner: rewrite it (a new
         // file gets its xattrs before its mode).
-        if dm.nlink > 1 || (!xattrs_same && dm.perm & 0o200 == 0 && !self.policy.ids.privileged) {
+        // With a start clone, the inode may be the start's (see `super::keep`): a new one is
+        // written and the old one kept.
+        if dm.nlink > 1
+            || self.keeper.is_some()
+            || (!xattrs_same && dm.perm & 0o200 == 0 && !self.policy.ids.privileged)
+        {
             return Ok(false);
         }
         let path = |s: &Self| s.dst_path(Some(name));
@@ -79,6 +84,12 @@ impl Engine<'_> {
         let now = lstat_at(dir, name).map_err(|e| cerr("lstat", self.dst_path(Some(name)), e))?;
         self.fix_node_meta_inner(dir, name, sm, &now, symlink, true)
             .map(|_| ())
+    }
+
+    /// Whether [`Engine::fix_node_meta`] would leave the node as it is.
+    pub(super) fn node_meta_same(&self, sm: &Meta, dm: &Meta, symlink: bool) -> bool {
+        let (uid, gid) = self.policy.ids.change(sm, dm);
+        uid.is_none() && gid.is_none() && (symlink || sm.perm == dm.perm) && sm.mtime == dm.mtime
     }
 
     pub(super) fn fix_node_meta(

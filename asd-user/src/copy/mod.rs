@@ -12,7 +12,10 @@
 //!    that is new (or replaces a non-directory) is built completely under a temporary name and
 //!    renamed as a whole later, so its content needs no per-file renames. Nothing visible under a
 //!    final name changes in this phase except metadata fixed in place (never on an inode with
-//!    `st_nlink > 1`, which is shared with the hard-linked start-state clone).
+//!    `st_nlink > 1`, which may be shared with a hard-linked start-state clone, nor with a
+//!    copy-on-write one, see [`keep`]). With a start clone, what phases 3 and 4 will replace or
+//!    delete of the start state is copied into it here, and made durable under its name
+//!    between phases 2 and 3.
 //! 2. `syncfs` the destination: every temporary file is durable before any of them is renamed,
 //!    so no rename can ever be persisted ahead of its data (a torn file). One `syncfs` instead of
 //!    an `fsync` per file: it flushes the same data with one journal commit instead of thousands,
@@ -50,6 +53,7 @@ mod durable;
 mod engine;
 mod file;
 mod helpers;
+mod keep;
 mod metadata;
 mod policy;
 mod pool;
@@ -57,6 +61,7 @@ mod prefetch;
 mod probe;
 mod scout;
 pub(crate) mod sqlite;
+pub mod start_dirs;
 mod tree;
 mod walk;
 mod write;
@@ -74,7 +79,7 @@ use serde::{Deserialize, Serialize};
 use crate::journal::DirtyTree;
 use engine::Engine;
 
-pub use clone::hardlink_clone;
+pub use clone::{hardlink_clone, start_clone};
 pub use tree::{find_hardlinked_files, remove_temp_files, tree_size};
 
 /// Prefix of temporary files the engine creates; crash recovery removes leftovers with this prefix.
@@ -229,6 +234,25 @@ pub fn sync_tree_journaled(
 ) -> Result<CopyStats, CopyError> {
     let mut engine = Engine::new(src, dst, opts, None);
     engine.journal = Some(changes);
+    engine.run()
+}
+
+/// A write-back into a backup: [`sync_tree`] (or [`sync_tree_journaled`] with `changes`), which
+/// with `start_clone` (the target's `-old`, see [`keep`]) first keeps there every entry of the
+/// start state it replaces or deletes. Durable mode only; the clone must be on the destination's
+/// filesystem.
+pub fn write_back(
+    src: &Path,
+    dst: &Path,
+    opts: &CopyOptions,
+    changes: Option<&DirtyTree>,
+    start_clone: Option<&Path>,
+) -> Result<CopyStats, CopyError> {
+    let mut engine = Engine::new(src, dst, opts, None);
+    engine.journal = changes;
+    if let (Some(clone), true) = (start_clone, opts.durable) {
+        engine.keeper = keep::Keeper::open(clone, std::sync::Arc::clone(&engine.policy))?;
+    }
     engine.run()
 }
 

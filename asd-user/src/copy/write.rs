@@ -258,8 +258,9 @@ impl Engine<'_> {
                 Ok(t) => t == target,
                 Err(_) => false,
             };
-            if same {
-                // Symlinks are never shared with the clone (it copies them), so fix in place.
+            // Fixed in place, unless the symlink may be a start entry (see `super::keep`):
+            // a new one is made and the old one kept.
+            if same && (self.keeper.is_none() || self.node_meta_same(sm, dm, true)) {
                 return self.fix_node_meta(dst, name, sm, dm, true);
             }
         }
@@ -304,7 +305,10 @@ impl Engine<'_> {
         let is_dev = sm.kind != FileType::Fifo;
         let dst = self.dst_dir(d)?;
         if let Some(dm) = dm.filter(|m| m.kind == sm.kind && (!is_dev || m.rdev == sm.rdev)) {
-            return self.fix_node_meta(dst, name, sm, dm, false);
+            // As for symlinks.
+            if self.keeper.is_none() || self.node_meta_same(sm, dm, false) {
+                return self.fix_node_meta(dst, name, sm, dm, false);
+            }
         }
         let direct = dm.is_none() && (d.fresh || !self.opts.durable);
         let made = self.create_entry(d, dst, direct.then_some(name), |dir, n| {

@@ -1,0 +1,518 @@
+//! The start state kept while write-backs change the disk (copy mode with backups on).
+//!
+//! A crash must leave the state the target had when asd started (DESIGN.md §3, `-old`), for the
+//! crash-recovery snapshot. asd 6.0 keeps it as a hard-linked clone of the whole tree, which costs
+//! a link per file at sync and an unlink per file at unsync, however little changed. Here the
+//! clone starts as a list of the start directories (see [`super::start_clone`]) and is filled
+//! in copy-on-write: before a durable write-back replaces
+//! or deletes an entry that was there at the start, it copies that entry into the same place in
+//! the clone (making the directories it needs there, with the start's metadata from
+//! [`super::start_dirs`]). A copy, not a link: write-backs go into the backup mount, and link(2) and
+//! rename(2) do not cross mounts. copy_file_range shares the blocks where the filesystem can
+//! (btrfs, xfs); ext4 copies the bytes: the cost follows what changed, once per start entry.
+//!
+//! Order (see `durable.rs`): every copy is made under a temporary name before phase 2; its
+//! syncfs makes them durable; [`Keeper::commit`] renames them to their names and syncs again;
+//! only then is any start entry replaced or deleted. At every instant each start entry is whole
+//! in the tree, or in the clone, or both.
+//!
+//! "There at the start" is told by birth time (statx): the clone's root is born at the start,
+//! and the sync waits for the inode clock to pass that instant before it returns, so whatever
+//! is written after is born later; should an entry of the tree be born later already (the clock
+//! was set back), the start clone is a full one instead. The start state is then: the clone's entries, plus the tree's entries born by the start that the
+//! clone lacks (see `crate::snapshot`). A full hard-linked clone (asd 6.0's, or one made where
+//! the filesystem records no birth times) holds every start entry already: nothing is copied.
+
+use std::collections::HashMap;
+use std::ffi::{CStr, CString, OsStr};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustix::fs::{self as rfs, AtFlags, FileType, Mode, RenameFlags, Timestamps};
+use rustix::io::Errno;
+
+use crate::copy::Timestamp;
+use crate::fsio::{
+    btime_at, fstat, list_dir, lstat_at, mode, remove_entry, Meta, DIR_FLAGS, FILE_FLAGS,
+};
+
+use super::file::{FileCopier, CREATE_FLAGS};
+use super::helpers::{join_rel, open_root};
+use super::policy::Policy;
+use super::pool::COPY_THREADS;
+use super::start_dirs::{self, StartDirs};
+use super::{cerr, CopyError, TEMP_PREFIX};
+
+/// The start clone of one write-back's destination.
+pub(crate) struct Keeper {
+    path: PathBuf,
+    start: Timestamp,
+    /// Directories of the clone opened so far, by their path relative to its root.
+    dirs: HashMap<Vec<u8>, KeptDir>,
+    /// Copies made under a temporary name: (directory, temporary name, name).
+    pending: Vec<(Vec<u8>, CString, CString)>,
+    /// The start directories' metadata (see [`super::start_dirs`]).
+    start_dirs: StartDirs,
+    policy: Arc<Policy>,
+    /// Regular files to copy, by [`Keeper::copy_files`].
+    files_to_copy: Vec<FileToCopy>,
+    /// Files that could not be kept, by tag.
+    failed: Vec<(usize, CopyError)>,
+    buf: Vec<u8>,
+    seq: u64,
+    /// Start entries copied into the clone by this write-back.
+    pub(super) kept: u64,
+}
+
+/// Regular files queued at most, each holding two descriptors.
+const MAX_QUEUED: usize = 256;
+
+/// A regular file to keep: `name` of `src` to `tmp` in `kept` (the clone's directory `rel`).
+struct FileToCopy {
+    tag: usize,
+    rel: Vec<u8>,
+    src: OwnedFd,
+    name: CString,
+    kept: OwnedFd,
+    tmp: CString,
+}
+
+/// Whether a file was copied (false: it is gone), or the operation that failed.
+type CopyResult = Result<bool, (&'static str, Errno)>;
+
+/// Copies one file to keep. Ok(false): it is gone, or no longer a regular file.
+fn copy_file(copier: &mut FileCopier, job: &FileToCopy) -> CopyResult {
+    let from = match rfs::openat(&job.src, &job.name, FILE_FLAGS, Mode::empty()) {
+        Ok(fd) => fd,
+        Err(Errno::NOENT) | Err(Errno::LOOP) => return Ok(false),
+        Err(e) => return Err(("open", e)),
+    };
+    let m = fstat(from.as_fd()).map_err(|e| ("stat", e))?;
+    if m.kind != FileType::RegularFile {
+        return Ok(false);
+    }
+    let out =
+        rfs::openat(&job.kept, &job.tmp, CREATE_FLAGS, mode(0o600)).map_err(|e| ("create", e))?;
+    copier
+        .write(&from, &out, &m)
+        .map_err(|(op, _, e)| (op, e))?;
+    Ok(true)
+}
+
+struct KeptDir {
+    fd: OwnedFd,
+    /// Its times when opened, set again at the end if entries were added.
+    times: Timestamps,
+    touched: bool,
+}
+
+impl Keeper {
+    /// The clone at `path`, or None where there is nothing to keep: its filesystem records no
+    /// birth times, so it was made as a full clone.
+    pub(super) fn open(path: &Path, policy: Arc<Policy>) -> Result<Option<Keeper>, CopyError> {
+        let root = open_root(path)?;
+        let Some(start) = btime_at(root.as_fd(), c"").map_err(|e| cerr("statx", path.into(), e))?
+        else {
+            return Ok(None);
+        };
+        let times = fstat(root.as_fd())
+            .map_err(|e| cerr("stat", path.into(), e))?
+            .times();
+        let start_dirs = start_dirs::read(root.as_fd()).map_err(|e| {
+            cerr(
+                "read",
+                path.join(OsStr::from_bytes(start_dirs::NAME.to_bytes())),
+                e,
+            )
+        })?;
+        let mut dirs = HashMap::new();
+        dirs.insert(
+            Vec::new(),
+            KeptDir {
+                fd: root,
+                times,
+                touched: false,
+            },
+        );
+        Ok(Some(Keeper {
+            path: path.to_path_buf(),
+            start,
+            dirs,
+            pending: Vec::new(),
+            start_dirs,
+            files_to_copy: Vec::new(),
+            failed: Vec::new(),
+            policy,
+            buf: Vec::new(),
+            seq: 0,
+            kept: 0,
+        }))
+    }
+
+    fn at(&self, rel: &[u8], name: Option<&CStr>) -> PathBuf {
+        join_rel(&self.path, rel, name)
+    }
+
+    /// Whether `name` in `dir` was there at the start (None: it is gone). An entry without a
+    /// birth time counts as there.
+    fn at_start(&self, dir: BorrowedFd<'_>, name: &CStr) -> rustix::io::Result<Option<bool>> {
+        match btime_at(dir, name) {
+            Ok(b) => Ok(Some(b.is_none_or(|b| b <= self.start))),
+            Err(Errno::NOENT) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The clone's directory `rel` if it has one.
+    fn dir(&mut self, rel: &[u8]) -> Result<Option<BorrowedFd<'_>>, CopyError> {
+        if !self.dirs.contains_key(rel) {
+            let (parent_rel, name) = match rel.iter().rposition(|b| *b == b'/') {
+                Some(i) => (&rel[..i], &rel[i + 1..]),
+                None => (&[][..], rel),
+            };
+            let name =
+                CString::new(name).map_err(|_| cerr("open", self.at(rel, None), Errno::INVAL))?;
+            if self.dir(parent_rel)?.is_none() {
+                return Ok(None);
+            }
+            let parent = &self.dirs[parent_rel];
+            let fd = match rfs::openat(&parent.fd, &name, DIR_FLAGS, Mode::empty()) {
+                Ok(fd) => fd,
+                Err(Errno::NOENT) | Err(Errno::NOTDIR) | Err(Errno::LOOP) => return Ok(None),
+                Err(e) => return Err(cerr("open", self.at(rel, None), e)),
+            };
+            let times = fstat(fd.as_fd())
+                .map_err(|e| cerr("stat", self.at(rel, None), e))?
+                .times();
+            self.dirs.insert(
+                rel.to_vec(),
+                KeptDir {
+                    fd,
+                    times,
+                    touched: false,
+                },
+            );
+        }
+        Ok(self.dirs.get(rel).map(|d| d.fd.as_fd()))
+    }
+
+    /// The clone's directory `rel`, made like the tree's directory `like` (and its parents like
+    /// the tree's) where missing.
+    fn ensure_dir(&mut self, rel: &[u8], like: BorrowedFd<'_>) -> Result<(), CopyError> {
+        if self.dir(rel)?.is_some() {
+            return Ok(());
+        }
+        if rel.is_empty() {
+            return Err(cerr("open", self.path.clone(), Errno::NOENT));
+        }
+        let parent_rel = &rel[..rel.iter().rposition(|b| *b == b'/').unwrap_or(0)];
+        if self.dir(parent_rel)?.is_none() {
+            let up = rfs::openat(like, c"..", DIR_FLAGS, Mode::empty())
+                .map_err(|e| cerr("open", self.at(parent_rel, None), e))?;
+            self.ensure_dir(parent_rel, up.as_fd())?;
+        }
+        self.make_dir(rel, like)
+    }
+
+    /// Makes the clone's directory `rel` (whose parent it has) as the start directory was (or,
+    /// not listed as one, like the tree's directory `like`).
+    fn make_dir(&mut self, rel: &[u8], like: BorrowedFd<'_>) -> Result<(), CopyError> {
+        let (parent_rel, name) = match rel.iter().rposition(|b| *b == b'/') {
+            Some(i) => (&rel[..i], &rel[i + 1..]),
+            None => (&[][..], rel),
+        };
+        let name =
+            CString::new(name).map_err(|_| cerr("mkdir", self.at(rel, None), Errno::INVAL))?;
+        let mut m = fstat(like).map_err(|e| cerr("stat", self.at(rel, None), e))?;
+        if let Some(d) = self.start_dirs.get(rel) {
+            (m.perm, m.uid, m.gid, m.atime, m.mtime) = (d.perm, d.uid, d.gid, d.atime, d.mtime);
+        }
+        if self.dir(parent_rel)?.is_none() {
+            return Err(cerr("mkdir", self.at(rel, None), Errno::NOENT));
+        }
+        let parent = self.dirs[parent_rel].fd.as_fd();
+        match rfs::mkdirat(parent, &name, mode(0o700)) {
+            Ok(()) | Err(Errno::EXIST) => {}
+            Err(e) => return Err(cerr("mkdir", self.at(rel, None), e)),
+        }
+        let made = rfs::openat(parent, &name, DIR_FLAGS, Mode::empty())
+            .map_err(|e| cerr("open", self.at(rel, None), e))?;
+        if let Some(p) = self.dirs.get_mut(parent_rel) {
+            p.touched = true;
+        }
+        let now = fstat(made.as_fd()).map_err(|e| cerr("stat", self.at(rel, None), e))?;
+        let (uid, gid) = self.policy.ids.change(&m, &now);
+        if uid.is_some() || gid.is_some() {
+            let r = rfs::fchown(&made, uid, gid);
+            self.policy
+                .chown_result(r)
+                .map_err(|e| cerr("chown", self.at(rel, None), e))?;
+        }
+        rfs::fchmod(&made, mode(m.perm)).map_err(|e| cerr("chmod", self.at(rel, None), e))?;
+        self.dirs.insert(
+            rel.to_vec(),
+            KeptDir {
+                fd: made,
+                times: m.times(),
+                // Its times are the start directory's, set at the end.
+                touched: true,
+            },
+        );
+        Ok(())
+    }
+
+    /// Before the entry `name` of the destination directory `dir` (at `rel`) is replaced or
+    /// deleted: whatever of it was there at the start and the clone lacks is copied there,
+    /// under temporary names until [`Keeper::commit`]. A directory is kept entry by entry.
+    pub(super) fn keep(
+        &mut self,
+        tag: usize,
+        rel: &[u8],
+        dir: BorrowedFd<'_>,
+        name: &CStr,
+    ) -> Result<(), CopyError> {
+        let sm = match lstat_at(dir, name) {
+            Ok(m) => m,
+            Err(Errno::NOENT) => return Ok(()),
+            Err(e) => return Err(cerr("lstat", self.at(rel, Some(name)), e)),
+        };
+        let started = match self.at_start(dir, name) {
+            Ok(Some(s)) => s,
+            Ok(None) => return Ok(()),
+            Err(e) => return Err(cerr("statx", self.at(rel, Some(name)), e)),
+        };
+        let mut sub_rel = rel.to_vec();
+        if !sub_rel.is_empty() {
+            sub_rel.push(b'/');
+        }
+        sub_rel.extend_from_slice(name.to_bytes());
+        if sm.kind == FileType::Directory {
+            // A start directory is made in the clone (its entries are kept one by one); one
+            // born since holds no start entries, unless the clone has a directory of that name
+            // (the start's, replaced).
+            let sub = match rfs::openat(dir, name, DIR_FLAGS, Mode::empty()) {
+                Ok(fd) => fd,
+                Err(Errno::NOENT) | Err(Errno::NOTDIR) | Err(Errno::LOOP) => return Ok(()),
+                Err(e) => return Err(cerr("open", self.at(rel, Some(name)), e)),
+            };
+            if self.dir(&sub_rel)?.is_none() {
+                if !started {
+                    return Ok(());
+                }
+                self.ensure_dir(&sub_rel, sub.as_fd())?;
+            }
+            let mut buf = std::mem::take(&mut self.buf);
+            let names = list_dir(sub.as_fd(), &mut buf);
+            self.buf = buf;
+            let names = names.map_err(|e| cerr("readdir", self.at(&sub_rel, None), e))?;
+            for child in names {
+                self.keep(tag, &sub_rel, sub.as_fd(), &child)?;
+            }
+            return Ok(());
+        }
+        if !started {
+            return Ok(());
+        }
+        self.ensure_dir(rel, dir)?;
+        let kept = self.dirs[rel].fd.as_fd();
+        match lstat_at(kept, name) {
+            // Kept already (by an earlier write-back, or a full clone).
+            Ok(_) => return Ok(()),
+            Err(Errno::NOENT) => {}
+            Err(e) => return Err(cerr("lstat", self.at(rel, Some(name)), e)),
+        }
+        self.seq += 1;
+        let tmp = CString::new(format!(
+            "{TEMP_PREFIX}keep.{}.{}",
+            std::process::id(),
+            self.seq
+        ))
+        .map_err(|_| cerr("keep", self.at(rel, Some(name)), Errno::INVAL))?;
+        let dup = |fd: BorrowedFd<'_>| {
+            fd.try_clone_to_owned()
+                .map_err(|e| cerr("dup", self.at(rel, None), e))
+        };
+        let kept = dup(self.dirs[rel].fd.as_fd())?;
+        if sm.kind == FileType::RegularFile {
+            // The data is read by the copy threads (see `Keeper::copy_files`).
+            let src = dup(dir)?;
+            self.files_to_copy.push(FileToCopy {
+                tag,
+                rel: rel.to_vec(),
+                src,
+                name: name.to_owned(),
+                kept,
+                tmp,
+            });
+            if self.files_to_copy.len() >= MAX_QUEUED {
+                self.copy_files();
+            }
+            return Ok(());
+        }
+        match self.copy_node(dir, name, &sm, kept.as_fd(), &tmp) {
+            Ok(true) => {
+                self.pending.push((rel.to_vec(), tmp, name.to_owned()));
+                Ok(())
+            }
+            // Gone meanwhile: nothing is replaced or deleted then.
+            Ok(false) => Ok(()),
+            Err((op, e)) => {
+                let _ = rfs::unlinkat(kept.as_fd(), &tmp, AtFlags::empty());
+                Err(cerr(op, self.at(rel, Some(name)), e))
+            }
+        }
+    }
+
+    /// Copies the regular files queued by [`Keeper::keep`], many at a time: each reads a start
+    /// version from a disk whose cache is likely cold. Failures wait in `failed`.
+    pub(super) fn copy_files(&mut self) {
+        let jobs = std::mem::take(&mut self.files_to_copy);
+        if jobs.is_empty() {
+            return;
+        }
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let threads = COPY_THREADS.min(jobs.len());
+        let results: Vec<(usize, CopyResult)> = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..threads)
+                .map(|_| {
+                    let (jobs, next) = (&jobs, &next);
+                    let mut copier = FileCopier::new(Arc::clone(&self.policy));
+                    s.spawn(move || {
+                        let mut out = Vec::new();
+                        loop {
+                            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let Some(job) = jobs.get(i) else {
+                                return out;
+                            };
+                            out.push((i, copy_file(&mut copier, job)));
+                        }
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .flat_map(|w| {
+                    // A worker that panicked (a bug) reports its files as failed below.
+                    w.join().unwrap_or_default()
+                })
+                .collect()
+        });
+        let mut done = vec![false; jobs.len()];
+        for (i, r) in results {
+            done[i] = true;
+            let job = &jobs[i];
+            match r {
+                Ok(true) => self
+                    .pending
+                    .push((job.rel.clone(), job.tmp.clone(), job.name.clone())),
+                Ok(false) => {}
+                Err((op, e)) => {
+                    let _ = rfs::unlinkat(&job.kept, &job.tmp, AtFlags::empty());
+                    let err = cerr(op, self.at(&job.rel, Some(&job.name)), e);
+                    self.failed.push((job.tag, err));
+                }
+            }
+        }
+        for (job, _) in jobs.iter().zip(&done).filter(|(_, d)| !**d) {
+            let _ = rfs::unlinkat(&job.kept, &job.tmp, AtFlags::empty());
+            let err = cerr("copy", self.at(&job.rel, Some(&job.name)), Errno::IO);
+            self.failed.push((job.tag, err));
+        }
+    }
+
+    /// The files [`Keeper::copy_files`] could not keep, by the tag [`Keeper::keep`] was given.
+    pub(super) fn take_failed(&mut self) -> Vec<(usize, CopyError)> {
+        std::mem::take(&mut self.failed)
+    }
+
+    /// A copy of the symlink or node `name` of `dir` as `tmp` in `kept`, with its metadata.
+    /// Ok(false): it is gone.
+    fn copy_node(
+        &mut self,
+        dir: BorrowedFd<'_>,
+        name: &CStr,
+        sm: &Meta,
+        kept: BorrowedFd<'_>,
+        tmp: &CStr,
+    ) -> Result<bool, (&'static str, Errno)> {
+        match sm.kind {
+            FileType::Symlink => {
+                let target = match rfs::readlinkat(dir, name, Vec::new()) {
+                    Ok(t) => t,
+                    Err(Errno::NOENT) | Err(Errno::INVAL) => return Ok(false),
+                    Err(e) => return Err(("readlink", e)),
+                };
+                rfs::symlinkat(target.as_c_str(), kept, tmp).map_err(|e| ("symlink", e))?;
+                self.node_meta(kept, tmp, sm, true)?;
+                Ok(true)
+            }
+            _ => {
+                rfs::mknodat(kept, tmp, sm.kind, mode(sm.perm & 0o777), sm.rdev)
+                    .map_err(|e| ("mknod", e))?;
+                self.node_meta(kept, tmp, sm, false)?;
+                Ok(true)
+            }
+        }
+    }
+
+    fn node_meta(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &CStr,
+        sm: &Meta,
+        symlink: bool,
+    ) -> Result<(), (&'static str, Errno)> {
+        let now = lstat_at(dir, name).map_err(|e| ("lstat", e))?;
+        let (uid, gid) = self.policy.ids.change(sm, &now);
+        if uid.is_some() || gid.is_some() {
+            let r = rfs::chownat(dir, name, uid, gid, AtFlags::SYMLINK_NOFOLLOW);
+            self.policy.chown_result(r).map_err(|e| ("chown", e))?;
+        }
+        if !symlink {
+            rfs::chmodat(dir, name, mode(sm.perm), AtFlags::empty()).map_err(|e| ("chmod", e))?;
+        }
+        rfs::utimensat(dir, name, &sm.times(), AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(|e| ("utimens", e))
+    }
+
+    /// Whether copies wait for [`Keeper::commit`].
+    pub(super) fn has_pending(&self) -> bool {
+        !self.pending.is_empty() || self.dirs.values().any(|d| d.touched)
+    }
+
+    /// After the copies are durable (the caller's syncfs): each under its name, the times of
+    /// the clone's directories set back, and all of it durable. On error nothing may be replaced
+    /// or deleted.
+    pub(super) fn commit(&mut self) -> Result<(), CopyError> {
+        for (rel, tmp, name) in std::mem::take(&mut self.pending) {
+            let Some(kept) = self.dirs.get_mut(&rel) else {
+                continue;
+            };
+            match rfs::renameat_with(&kept.fd, &tmp, &kept.fd, &name, RenameFlags::NOREPLACE) {
+                Ok(()) => {
+                    kept.touched = true;
+                    self.kept += 1;
+                }
+                // Kept by then under its name: the copy is not needed.
+                Err(Errno::EXIST) => {
+                    let _ = remove_entry(kept.fd.as_fd(), &tmp, &mut self.buf);
+                }
+                Err(e) => return Err(cerr("rename", join_rel(&self.path, &rel, Some(&name)), e)),
+            }
+        }
+        for (rel, d) in &mut self.dirs {
+            if d.touched {
+                rfs::futimens(&d.fd, &d.times)
+                    .map_err(|e| cerr("utimens", join_rel(&self.path, rel, None), e))?;
+                d.touched = false;
+            }
+        }
+        let root = self.dirs.get(&Vec::new()).map(|d| d.fd.as_fd());
+        if let Some(root) = root {
+            rfs::syncfs(root).map_err(|e| cerr("syncfs", self.path.clone(), e))?;
+        }
+        Ok(())
+    }
+}
