@@ -499,9 +499,21 @@ pub(crate) fn crash_point() -> Option<usize> {
         .ok()
 }
 
+/// Test hook, as [`crash_point`]: `ASD_TEST_CRASH_IN_KEEP=N` aborts a write-back after N of
+/// the renames that put kept start entries in place in the start clone (see `copy::keep`).
+#[cfg(any(test, feature = "test-hooks"))]
+pub(crate) fn keep_crash_point() -> Option<usize> {
+    std::env::var("ASD_TEST_CRASH_IN_KEEP").ok()?.parse().ok()
+}
+
 /// Without the test hooks there is never a crash point; the callers' checks fold away.
 #[cfg(not(any(test, feature = "test-hooks")))]
 #[inline(always)]
 pub(crate) fn crash_point() -> Option<usize> {
+    None
+}
+
+#[cfg(not(any(test, feature = "test-hooks")))]
+pub(crate) fn keep_crash_point() -> Option<usize> {
     None
 }

@@ -172,7 +172,7 @@ pub fn recover(
     let mut snapshot_after_uncover = false;
     if cfg.use_backups {
         let (src, current) = if nsops::exists(&p.old) {
-            let current = if found.backup_mounted {
+            let current = if found.backup_mounted && found.backup_is_ours {
                 &p.backup
             } else {
                 &p.target
@@ -191,7 +191,7 @@ pub fn recover(
                 kept.display()
             );
             rec.snapshot = Some(kept);
-        } else if nsops::exists(&p.old) && found.covered && !found.backup_mounted {
+        } else if nsops::exists(&p.old) && found.covered && !found.backup_is_ours {
             snapshot_after_uncover = true;
         } else if !found.covered || nsops::exists(&p.old) {
             rec.snapshot = Some(take_snapshot(t, src, current)?);
@@ -228,9 +228,9 @@ pub fn recover(
                 durable: true,
                 since: None,
                 marks: None,
-                // The snapshot holds the start state by now; should it have to be taken again
-                // (this attempt fails, and the next does not find it), the clone still does.
-                start_clone: nsops::exists(&p.old).then(|| p.old.clone()),
+                // The snapshot holds the start state by now, and the next attempt finds it
+                // (nothing changes the clone).
+                start_clone: None,
             },
             None,
         )?;
@@ -299,7 +299,7 @@ fn check_backup_dir_gone(p: &TargetPaths) -> Result<(), RecoverError> {
 }
 
 /// A crash-recovery snapshot of the start clone `-old` that already exists: one named and written
-/// after the clone last changed (its change time: write-backs add to it, recovery does not) can only
+/// after the clone was made (its change time: later than its birth; recovery never changes it) can only
 /// have been taken of it, by an earlier recovery attempt, as recovery snapshots the clone
 /// whenever it exists (a snapshot copied in from elsewhere keeps its older name). The target
 /// itself is no such source: between attempts its programs may write to it.

@@ -312,6 +312,15 @@ impl Merge<'_> {
             let rd = match fs::read_dir(dir) {
                 Ok(rd) => rd,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                // A directory of the tree made unreadable since (say, `chmod 000` to keep a
+                // program out): the snapshot goes on without what it holds.
+                Err(e) if e.kind() == io::ErrorKind::PermissionDenied && Some(dir) == cur => {
+                    tracing::warn!(
+                        "{}: unreadable, its start entries are not in the snapshot",
+                        dir.display()
+                    );
+                    continue;
+                }
                 Err(e) => return Err(ioe("readdir", dir)(e)),
             };
             for entry in rd {
@@ -332,16 +341,13 @@ impl Merge<'_> {
         };
         for child in children {
             let cname = name.join(&child);
-            // The clone's entries are the start's (a copy's birth says nothing); its leftover
-            // temporaries are not.
-            let k = if child
-                .as_bytes()
-                .starts_with(crate::copy::TEMP_PREFIX.as_bytes())
-            {
-                None
-            } else {
-                lstat(kept, &child)?
-            };
+            // The clone's entries are the start's (a copy's birth says nothing). Temporaries
+            // are no one's: the clone's leftovers, and in the tree an old version an exchange
+            // moved aside (a start entry, kept in the clone before it was moved).
+            if child.as_bytes().starts_with(copy::TEMP_PREFIX.as_bytes()) {
+                continue;
+            }
+            let k = lstat(kept, &child)?;
             let c = lstat(cur, &child)?;
             match (k, c) {
                 // A start directory: the clone's metadata, the start entries of both.

@@ -72,6 +72,8 @@ struct Setup {
     paths: asd::paths::TargetPaths,
     /// How long a full resync of every file took: kills are placed at fractions of it.
     resync_time: Duration,
+    /// How many versioned files the target holds.
+    files: usize,
 }
 
 /// v1 on disk, synced, v2 written and resynced; returns with v2 durable on disk.
@@ -92,6 +94,7 @@ fn setup() -> Setup {
         target,
         paths,
         resync_time,
+        files: FILES,
     }
 }
 
@@ -124,7 +127,7 @@ fn check_recovered_with_snapshot(s: &Setup, out: &str, allowed: &[u32], snapshot
         "tmpfs",
         "back in RAM after recovery"
     );
-    let vs = versions(&s.ns.inside(&s.paths.backup), allowed);
+    let vs = versioned::versions(&s.ns.inside(&s.paths.backup), allowed, s.files);
     let count = |v| vs.iter().filter(|x| **x == Some(v)).count();
     eprintln!(
         "after recovery: {} files v2, {} files v3, {} missing",
@@ -148,14 +151,14 @@ fn check_recovered_with_snapshot(s: &Setup, out: &str, allowed: &[u32], snapshot
         "one crash-recovery snapshot expected: {snaps:?}"
     );
     let restored = extract(&s.ns, &snaps[0]);
-    let vs = versions(&restored, &[snapshot_version]);
+    let vs = versioned::versions(&restored, &[snapshot_version], s.files);
     assert!(
         vs.iter().all(|v| *v == Some(snapshot_version)),
         "the snapshot holds version {snapshot_version} throughout"
     );
     s.ns.asd_ok(&["unsync"]);
     assert!(s.ns.our_mounts().is_empty());
-    versions(&s.ns.inside(&s.target), allowed);
+    versioned::versions(&s.ns.inside(&s.target), allowed, s.files);
 }
 
 /// Kill a resync at `fraction` of the time a full one takes, so that runs land in different
@@ -507,4 +510,112 @@ fn kill_during_cleanup_never_trusts_a_half_deleted_ram_copy() {
         .exists());
     s.ns.asd_ok(&["unsync"]);
     assert!(versions(&s.target, &[2]).iter().all(|v| *v == Some(2)));
+}
+
+/// Crashes in the first write-back after sync, the one that copies every start file into the
+/// copy-on-write start clone before replacing it (see `copy::keep`), at random points: kill -9
+/// at a random instant of a resync or an unsync, and aborts injected after a random number of
+/// the renames that put kept copies in place, or of the renames that replace start files. After
+/// each, with or without the runtime state, the snapshot recovery takes holds the start state
+/// (v1) throughout, and nothing written back is lost. The points come from a fixed seed
+/// (`ASD_CRASH_SEED` replays one, printed; `ASD_CRASH_RUNS` sets how many, default 12).
+#[test]
+fn random_crashes_while_the_start_state_is_kept() {
+    if !require_root() {
+        return;
+    }
+    require_test_hook("ASD_TEST_CRASH_IN_KEEP");
+    let seed: u64 = std::env::var("ASD_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x5EED_2026_1204);
+    let runs: u64 = std::env::var("ASD_CRASH_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(12);
+    eprintln!("ASD_CRASH_SEED={seed} ASD_CRASH_RUNS={runs}");
+    let mut state = seed;
+    // splitmix64
+    let mut next = move || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    // v1 at the start, synced; v2 written in RAM, not yet back.
+    const KEPT_FILES: usize = 800;
+    let fresh = || {
+        let ns = Ns::new();
+        let target = ns.data().join("t");
+        std::fs::create_dir(&target).expect("mkdir");
+        versioned::write_version(&ns, &target, 1, KEPT_FILES);
+        ns.write_conf(&[&target], "");
+        ns.asd_ok(&["sync"]);
+        versioned::write_version(&ns, &target, 2, KEPT_FILES);
+        let paths = asd::paths::TargetPaths::new(&target, "root", &ns.vol()).expect("paths");
+        Setup {
+            ns,
+            target,
+            paths,
+            resync_time: Duration::ZERO,
+            files: KEPT_FILES,
+        }
+    };
+    // How long each command takes with this much to keep: kills land in [0, 1.3 x] of it.
+    let span = |cmd: &str| {
+        let s = fresh();
+        let began = std::time::Instant::now();
+        s.ns.asd_ok(&[cmd]);
+        began.elapsed()
+    };
+    let spans = [("resync", span("resync")), ("unsync", span("unsync"))];
+    for run in 0..runs {
+        let keep_state = next() % 2 == 0;
+        let s = fresh();
+        let (what, finished) = match run % 4 {
+            kind @ (0 | 1) => {
+                let (cmd, took) = spans[kind as usize];
+                let after = took.mul_f64(1.3 * (next() % 10_000) as f64 / 10_000.0);
+                let finished = kill_during(&s.ns, cmd, after);
+                (
+                    format!("{cmd} killed after {after:?} of {took:?}"),
+                    finished,
+                )
+            }
+            kind => {
+                let var = if kind == 2 {
+                    "ASD_TEST_CRASH_IN_KEEP"
+                } else {
+                    "ASD_TEST_CRASH_AFTER_RENAMES"
+                };
+                let n = (next() % KEPT_FILES as u64).to_string();
+                let out =
+                    s.ns.asd_cmd(&["resync"])
+                        .env(var, &n)
+                        .output()
+                        .expect("asd");
+                assert!(!out.status.success(), "{var}={n} must stop the resync");
+                (format!("resync aborted by {var}={n}"), false)
+            }
+        };
+        // An unsync killed after it renamed the clone aside had written everything back: the
+        // snapshot is then of the disk, all v2.
+        let clone_there = s.ns.inside(&s.paths.old).exists();
+        eprintln!(
+            "run {run}: {what} (finished: {finished}, start clone there: {clone_there}, state \
+             kept: {keep_state})"
+        );
+        reboot(&s, keep_state);
+        if finished && what.starts_with("unsync") {
+            let vs = versioned::versions(&s.ns.inside(&s.target), &[2], KEPT_FILES);
+            assert!(
+                vs.iter().all(|v| *v == Some(2)),
+                "a finished unsync wrote v2 back"
+            );
+            continue;
+        }
+        let out = s.ns.asd_ok(&["sync"]);
+        check_recovered_with_snapshot(&s, &out, &[1, 2], if clone_there { 1 } else { 2 });
+    }
 }

@@ -70,10 +70,11 @@ pub fn start_clone(src: &Path, dst: &Path) -> Result<CopyStats, CopyError> {
     start_dirs::push(&mut scan.list, b"", &start_dirs::DirMeta::of(&sm));
     // The walk waits on one cold metadata read after another: keep several in flight ahead.
     let scanned = Prefetch::around(sfd.as_fd(), || scan.dir(sfd.as_fd()))?;
-    if !scanned {
+    if !scanned || scan.list.len() as u64 > start_dirs::MAX_SIZE {
         warn!(
             ?src,
-            "entries born after the start clone (the clock was set back?): cloning every file"
+            "entries born after the start clone (the clock was set back?), or too many \
+             directories to list: cloning every file"
         );
         return clone_tree(src, dst);
     }
@@ -84,17 +85,10 @@ pub fn start_clone(src: &Path, dst: &Path) -> Result<CopyStats, CopyError> {
             e,
         )
     })?;
-    let mut c = Cloner {
-        skip: scan.skip,
-        ids: Ids::current(),
-        stats: scan.stats,
-        buf: Vec::new(),
-        src: src.to_path_buf(),
-        dst: dst.to_path_buf(),
-    };
-    c.dir_meta(sfd.as_fd(), dfd.as_fd(), &sm)?;
+    // The root keeps the mode it was made with (the owner's, writable): the snapshot takes the
+    // start's from the list, and a read-only one would keep nothing.
     rfs::syncfs(&dfd).map_err(|e| cerr("syncfs", dst.to_path_buf(), e))?;
-    Ok(c.stats)
+    Ok(scan.stats)
 }
 
 /// The walk of [`start_clone`]: every directory's metadata into `list`; stops (Ok(false)) at

@@ -1,7 +1,6 @@
 //! Durable mode, phases 2 to 5 (see the module documentation): the deferred renames,
 //! deletions and directory metadata the walk queued, and the `syncfs` calls between them.
 
-use std::collections::HashSet;
 use std::ffi::{CStr, CString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
@@ -33,6 +32,15 @@ pub(super) struct DirJob {
     pub(super) xattrs: Xattrs,
     /// Made by this run: setting its metadata is not counted as an update.
     pub(super) created: bool,
+}
+
+/// Start entries that could not be kept (see `super::keep`): said, never fatal.
+fn warn_not_kept(failed: Vec<CopyError>) {
+    for e in failed {
+        tracing::warn!(
+            "{e}: its start version is not kept; a crash-recovery snapshot would lack it"
+        );
+    }
 }
 
 impl Engine<'_> {
@@ -86,47 +94,31 @@ impl Engine<'_> {
         let early = std::mem::take(&mut self.early_deletions);
         let mut deletions = std::mem::take(&mut self.deletions);
         // The start clone (see `super::keep`): a copy of every start entry about to be
-        // replaced or deleted, made durable by phase 2's syncfs; one that cannot be kept is
-        // neither replaced nor deleted (a later write-back retries).
+        // replaced or deleted, durable under its name before any is. Best effort: one that
+        // cannot be kept is replaced or deleted all the same, with a warning.
         let mut keeper = self.keeper.take();
-        let mut unkept = HashSet::new();
-        let mut undeletable = HashSet::new();
         if let Some(k) = keeper.as_mut() {
-            let doomed: Vec<(usize, CString)> = renames
-                .iter()
-                .map(|j| (j.dir, j.to.clone()))
-                .chain(early.iter().chain(&deletions).cloned())
-                .collect();
+            let doomed = renames.iter().map(|j| (j.dir, &j.to));
+            let doomed = doomed.chain(early.iter().chain(&deletions).map(|(i, n)| (*i, n)));
+            let doomed: Vec<(usize, &CString)> = doomed.collect();
             let mut failed = Vec::new();
-            for (n, (i, name)) in doomed.iter().enumerate() {
-                let rel = dirs.get(*i).map(|d| d.rel.clone()).unwrap_or_default();
-                let Some(dir) = self.deferred_dir(root, &mut dirs, *i) else {
+            for (i, name) in doomed {
+                let rel = dirs.get(i).map(|d| d.rel.clone()).unwrap_or_default();
+                let Some(dir) = self.deferred_dir(root, &mut dirs, i) else {
                     continue;
                 };
-                if let Err(e) = k.keep(n, &rel, dir, name) {
-                    failed.push((n, e));
+                if let Err(e) = k.keep(&rel, dir, name) {
+                    failed.push(e);
                 }
             }
             k.copy_files();
             failed.extend(k.take_failed());
-            for (n, e) in failed {
-                self.fail(e);
-                if n < renames.len() {
-                    unkept.insert(n);
-                } else if let Some(d) = doomed.get(n) {
-                    undeletable.insert(d.clone());
-                }
-            }
+            warn_not_kept(failed);
         }
         let keeping = keeper.as_ref().is_some_and(|k| k.has_pending());
         // Phase 2: all temporary data durable before any rename.
         if !renames.is_empty() || keeping {
-            let synced = self.syncfs_all();
-            let committed = match (synced, keeper.as_mut()) {
-                (Ok(()), Some(k)) if keeping => k.commit(),
-                (r, _) => r,
-            };
-            if let Err(e) = committed {
+            if let Err(e) = self.syncfs_all() {
                 // Nothing may be renamed now: remove the temporaries instead.
                 for job in &renames {
                     if let Some(dir) = self.deferred_dir(root, &mut dirs, job.dir) {
@@ -136,6 +128,13 @@ impl Engine<'_> {
                 return Err(e);
             }
         }
+        if let Some(k) = keeper.as_mut().filter(|_| keeping) {
+            let synced: Vec<u64> = self.sync_fds.iter().map(|(dev, _)| *dev).collect();
+            if let Err(e) = k.commit(&synced) {
+                warn_not_kept(vec![e]);
+            }
+            warn_not_kept(k.take_failed());
+        }
         if let Some(k) = keeper.as_ref().filter(|k| k.kept > 0) {
             tracing::debug!(kept = k.kept, "start entries kept in the start clone");
         }
@@ -143,9 +142,6 @@ impl Engine<'_> {
         // (see `super::databases`), durably gone before the new copies are renamed in.
         let mut removed = 0;
         for (i, name) in &early {
-            if undeletable.contains(&(*i, name.clone())) {
-                continue;
-            }
             let Some(dir) = self.deferred_dir(root, &mut dirs, *i) else {
                 continue;
             };
@@ -171,10 +167,6 @@ impl Engine<'_> {
             let Some(dir) = self.deferred_dir(root, &mut dirs, job.dir) else {
                 continue;
             };
-            if unkept.contains(&n) {
-                let _ = remove_tree(dir, &job.from, &mut self.dirbuf);
-                continue;
-            }
             match self.rename_into_place(dir, &job.from, &job.to, job.exchange) {
                 Ok(Some(old)) => deletions.push((job.dir, old)),
                 Ok(None) => {}
@@ -191,9 +183,6 @@ impl Engine<'_> {
             self.syncfs_all()?;
         }
         for (i, name) in &deletions {
-            if undeletable.contains(&(*i, name.clone())) {
-                continue;
-            }
             let Some(dir) = self.deferred_dir(root, &mut dirs, *i) else {
                 continue;
             };

@@ -12,14 +12,24 @@
 //! (btrfs, xfs); ext4 copies the bytes: the cost follows what changed, once per start entry.
 //!
 //! Order (see `durable.rs`): every copy is made under a temporary name before phase 2; its
-//! syncfs makes them durable; [`Keeper::commit`] renames them to their names and syncs again;
-//! only then is any start entry replaced or deleted. At every instant each start entry is whole
-//! in the tree, or in the clone, or both.
+//! syncfs makes them durable (the clone's filesystem is synced too where it is another one);
+//! [`Keeper::commit`] renames them to their names and syncs again; only then is any start
+//! entry replaced or deleted. So each start entry that could be kept is whole in the tree, or
+//! in the clone, or both, at every instant.
 //!
-//! "There at the start" is told by birth time (statx): the clone's root is born at the start,
-//! and the sync waits for the inode clock to pass that instant before it returns, so whatever
-//! is written after is born later; should an entry of the tree be born later already (the clock
-//! was set back), the start clone is a full one instead. The start state is then: the clone's entries, plus the tree's entries born by the start that the
+//! Best effort: a start entry that cannot be kept (no space left, a clone made unwritable, a
+//! device node the owner may not make) is replaced or deleted all the same, with a warning that
+//! names it. The user's newest data goes to disk first; the start state is a safety net for a
+//! crash, and holding the data back in RAM to protect it would trade the one for the other.
+//!
+//! "There at the start": a directory listed in [`super::start_dirs`]; another entry if it is born
+//! (statx) by the start, the clone root's birth, in a listed directory. The sync waits for the
+//! inode clock to pass the start before it returns, so whatever is written after is born
+//! later; should an entry of the tree be born later already (the clock was set back before the
+//! sync), the start clone is a full one instead. Should the clock be set back during the
+//! session, entries written then look born by the start: their first replacement is kept too
+//! (the snapshot may then show a newer version of such a file, never lose one). The start state
+//! is then: the clone's entries, plus the tree's entries born by the start that the
 //! clone lacks (see `crate::snapshot`). A full hard-linked clone (asd 6.0's, or one made where
 //! the filesystem records no birth times) holds every start entry already: nothing is copied.
 
@@ -32,10 +42,12 @@ use std::sync::Arc;
 
 use rustix::fs::{self as rfs, AtFlags, FileType, Mode, RenameFlags, Timestamps};
 use rustix::io::Errno;
+use tracing::warn;
 
 use crate::copy::Timestamp;
 use crate::fsio::{
-    btime_at, fstat, list_dir, lstat_at, mode, remove_entry, Meta, DIR_FLAGS, FILE_FLAGS,
+    btime_at, fstat, inode_clock_now, keep_crash_point, list_dir, lstat_at, mode, remove_entry,
+    Meta, DIR_FLAGS, FILE_FLAGS,
 };
 
 use super::file::{FileCopier, CREATE_FLAGS};
@@ -49,18 +61,23 @@ use super::{cerr, CopyError, TEMP_PREFIX};
 pub(crate) struct Keeper {
     path: PathBuf,
     start: Timestamp,
+    /// The clone's filesystem.
+    dev: u64,
+    /// The start directories' metadata (see [`super::start_dirs`]), read when first needed;
+    /// empty for a clone without a list (a full one).
+    start_dirs: Option<StartDirs>,
     /// Directories of the clone opened so far, by their path relative to its root.
     dirs: HashMap<Vec<u8>, KeptDir>,
     /// Copies made under a temporary name: (directory, temporary name, name).
     pending: Vec<(Vec<u8>, CString, CString)>,
-    /// The start directories' metadata (see [`super::start_dirs`]).
-    start_dirs: StartDirs,
     policy: Arc<Policy>,
     /// Regular files to copy, by [`Keeper::copy_files`].
     files_to_copy: Vec<FileToCopy>,
-    /// Files that could not be kept, by tag.
-    failed: Vec<(usize, CopyError)>,
+    /// Files that could not be kept.
+    failed: Vec<CopyError>,
     buf: Vec<u8>,
+    /// Temporary names: unique to this write-back (a daemon runs many in one process).
+    tmp_stem: String,
     seq: u64,
     /// Start entries copied into the clone by this write-back.
     pub(super) kept: u64,
@@ -71,7 +88,6 @@ const MAX_QUEUED: usize = 256;
 
 /// A regular file to keep: `name` of `src` to `tmp` in `kept` (the clone's directory `rel`).
 struct FileToCopy {
-    tag: usize,
     rel: Vec<u8>,
     src: OwnedFd,
     name: CString,
@@ -103,9 +119,26 @@ fn copy_file(copier: &mut FileCopier, job: &FileToCopy) -> CopyResult {
 
 struct KeptDir {
     fd: OwnedFd,
-    /// Its times when opened, set again at the end if entries were added.
+    /// Its times at the start, set again at the end if entries were added.
     times: Timestamps,
     touched: bool,
+}
+
+/// `rel` split into its parent and last component.
+fn split_rel(rel: &[u8]) -> (&[u8], &[u8]) {
+    match rel.iter().rposition(|b| *b == b'/') {
+        Some(i) => (&rel[..i], &rel[i + 1..]),
+        None => (&[][..], rel),
+    }
+}
+
+fn child_rel(rel: &[u8], name: &CStr) -> Vec<u8> {
+    let mut sub = rel.to_vec();
+    if !sub.is_empty() {
+        sub.push(b'/');
+    }
+    sub.extend_from_slice(name.to_bytes());
+    sub
 }
 
 impl Keeper {
@@ -117,35 +150,38 @@ impl Keeper {
         else {
             return Ok(None);
         };
-        let times = fstat(root.as_fd())
-            .map_err(|e| cerr("stat", path.into(), e))?
-            .times();
-        let start_dirs = start_dirs::read(root.as_fd()).map_err(|e| {
-            cerr(
-                "read",
-                path.join(OsStr::from_bytes(start_dirs::NAME.to_bytes())),
-                e,
-            )
-        })?;
+        if inode_clock_now() < start {
+            warn!(
+                clone = ?path,
+                "the clock is behind the start clone's birth (set back?): files written now look \
+                 like start files, and a crash-recovery snapshot may show their newer versions"
+            );
+        }
+        let rm = fstat(root.as_fd()).map_err(|e| cerr("stat", path.into(), e))?;
         let mut dirs = HashMap::new();
         dirs.insert(
             Vec::new(),
             KeptDir {
                 fd: root,
-                times,
+                times: rm.times(),
                 touched: false,
             },
         );
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
         Ok(Some(Keeper {
             path: path.to_path_buf(),
             start,
+            dev: rm.dev,
+            start_dirs: None,
             dirs,
             pending: Vec::new(),
-            start_dirs,
+            policy,
             files_to_copy: Vec::new(),
             failed: Vec::new(),
-            policy,
             buf: Vec::new(),
+            tmp_stem: format!("{TEMP_PREFIX}keep.{}.{nanos}", std::process::id()),
             seq: 0,
             kept: 0,
         }))
@@ -155,9 +191,24 @@ impl Keeper {
         join_rel(&self.path, rel, name)
     }
 
-    /// Whether `name` in `dir` was there at the start (None: it is gone). An entry without a
-    /// birth time counts as there.
-    fn at_start(&self, dir: BorrowedFd<'_>, name: &CStr) -> rustix::io::Result<Option<bool>> {
+    fn start_dirs(&mut self) -> Result<&StartDirs, CopyError> {
+        if self.start_dirs.is_none() {
+            let root = self.dirs[&[][..]].fd.as_fd();
+            let list = start_dirs::read(root).map_err(|e| {
+                cerr(
+                    "read",
+                    self.path
+                        .join(OsStr::from_bytes(start_dirs::NAME.to_bytes())),
+                    e,
+                )
+            })?;
+            self.start_dirs = Some(list);
+        }
+        Ok(self.start_dirs.get_or_insert_with(StartDirs::new))
+    }
+
+    /// Born by the start (None: it is gone). An entry without a birth time counts as such.
+    fn born_by_start(&self, dir: BorrowedFd<'_>, name: &CStr) -> rustix::io::Result<Option<bool>> {
         match btime_at(dir, name) {
             Ok(b) => Ok(Some(b.is_none_or(|b| b <= self.start))),
             Err(Errno::NOENT) => Ok(None),
@@ -168,10 +219,7 @@ impl Keeper {
     /// The clone's directory `rel` if it has one.
     fn dir(&mut self, rel: &[u8]) -> Result<Option<BorrowedFd<'_>>, CopyError> {
         if !self.dirs.contains_key(rel) {
-            let (parent_rel, name) = match rel.iter().rposition(|b| *b == b'/') {
-                Some(i) => (&rel[..i], &rel[i + 1..]),
-                None => (&[][..], rel),
-            };
+            let (parent_rel, name) = split_rel(rel);
             let name =
                 CString::new(name).map_err(|_| cerr("open", self.at(rel, None), Errno::INVAL))?;
             if self.dir(parent_rel)?.is_none() {
@@ -198,37 +246,43 @@ impl Keeper {
         Ok(self.dirs.get(rel).map(|d| d.fd.as_fd()))
     }
 
-    /// The clone's directory `rel`, made like the tree's directory `like` (and its parents like
-    /// the tree's) where missing.
-    fn ensure_dir(&mut self, rel: &[u8], like: BorrowedFd<'_>) -> Result<(), CopyError> {
+    /// The clone's directory `rel`, made where missing (and its parents), like the start
+    /// directory (or the tree's directory `like`). Ok(false): the clone has a non-directory on
+    /// the way (a start file where the tree has a directory now), so nothing below is the
+    /// start's.
+    fn ensure_dir(&mut self, rel: &[u8], like: BorrowedFd<'_>) -> Result<bool, CopyError> {
         if self.dir(rel)?.is_some() {
-            return Ok(());
+            return Ok(true);
         }
         if rel.is_empty() {
             return Err(cerr("open", self.path.clone(), Errno::NOENT));
         }
-        let parent_rel = &rel[..rel.iter().rposition(|b| *b == b'/').unwrap_or(0)];
+        let (parent_rel, _) = split_rel(rel);
         if self.dir(parent_rel)?.is_none() {
             let up = rfs::openat(like, c"..", DIR_FLAGS, Mode::empty())
                 .map_err(|e| cerr("open", self.at(parent_rel, None), e))?;
-            self.ensure_dir(parent_rel, up.as_fd())?;
+            if !self.ensure_dir(parent_rel, up.as_fd())? {
+                return Ok(false);
+            }
         }
         self.make_dir(rel, like)
     }
 
-    /// Makes the clone's directory `rel` (whose parent it has) as the start directory was (or,
-    /// not listed as one, like the tree's directory `like`).
-    fn make_dir(&mut self, rel: &[u8], like: BorrowedFd<'_>) -> Result<(), CopyError> {
-        let (parent_rel, name) = match rel.iter().rposition(|b| *b == b'/') {
-            Some(i) => (&rel[..i], &rel[i + 1..]),
-            None => (&[][..], rel),
-        };
+    /// Makes the clone's directory `rel` (whose parent it has). Always writable by the owner
+    /// (the snapshot takes a listed directory's mode from the list); owner and times are the
+    /// start directory's, or `like`'s.
+    fn make_dir(&mut self, rel: &[u8], like: BorrowedFd<'_>) -> Result<bool, CopyError> {
+        let (parent_rel, name) = split_rel(rel);
         let name =
             CString::new(name).map_err(|_| cerr("mkdir", self.at(rel, None), Errno::INVAL))?;
         let mut m = fstat(like).map_err(|e| cerr("stat", self.at(rel, None), e))?;
-        if let Some(d) = self.start_dirs.get(rel) {
-            (m.perm, m.uid, m.gid, m.atime, m.mtime) = (d.perm, d.uid, d.gid, d.atime, d.mtime);
-        }
+        let listed = match self.start_dirs()?.get(rel) {
+            Some(d) => {
+                (m.uid, m.gid, m.atime, m.mtime) = (d.uid, d.gid, d.atime, d.mtime);
+                true
+            }
+            None => false,
+        };
         if self.dir(parent_rel)?.is_none() {
             return Err(cerr("mkdir", self.at(rel, None), Errno::NOENT));
         }
@@ -237,8 +291,11 @@ impl Keeper {
             Ok(()) | Err(Errno::EXIST) => {}
             Err(e) => return Err(cerr("mkdir", self.at(rel, None), e)),
         }
-        let made = rfs::openat(parent, &name, DIR_FLAGS, Mode::empty())
-            .map_err(|e| cerr("open", self.at(rel, None), e))?;
+        let made = match rfs::openat(parent, &name, DIR_FLAGS, Mode::empty()) {
+            Ok(fd) => fd,
+            Err(Errno::NOTDIR) | Err(Errno::LOOP) => return Ok(false),
+            Err(e) => return Err(cerr("open", self.at(rel, None), e)),
+        };
         if let Some(p) = self.dirs.get_mut(parent_rel) {
             p.touched = true;
         }
@@ -250,7 +307,9 @@ impl Keeper {
                 .chown_result(r)
                 .map_err(|e| cerr("chown", self.at(rel, None), e))?;
         }
-        rfs::fchmod(&made, mode(m.perm)).map_err(|e| cerr("chmod", self.at(rel, None), e))?;
+        // Unlisted (a full clone's): its mode, writable for what is kept in it.
+        let perm = if listed { 0o700 } else { m.perm | 0o700 };
+        rfs::fchmod(&made, mode(perm)).map_err(|e| cerr("chmod", self.at(rel, None), e))?;
         self.dirs.insert(
             rel.to_vec(),
             KeptDir {
@@ -260,15 +319,15 @@ impl Keeper {
                 touched: true,
             },
         );
-        Ok(())
+        Ok(true)
     }
 
     /// Before the entry `name` of the destination directory `dir` (at `rel`) is replaced or
     /// deleted: whatever of it was there at the start and the clone lacks is copied there,
-    /// under temporary names until [`Keeper::commit`]. A directory is kept entry by entry.
+    /// under temporary names until [`Keeper::commit`] (regular files by [`Keeper::copy_files`]).
+    /// A directory is kept entry by entry.
     pub(super) fn keep(
         &mut self,
-        tag: usize,
         rel: &[u8],
         dir: BorrowedFd<'_>,
         name: &CStr,
@@ -278,44 +337,52 @@ impl Keeper {
             Err(Errno::NOENT) => return Ok(()),
             Err(e) => return Err(cerr("lstat", self.at(rel, Some(name)), e)),
         };
-        let started = match self.at_start(dir, name) {
-            Ok(Some(s)) => s,
-            Ok(None) => return Ok(()),
-            Err(e) => return Err(cerr("statx", self.at(rel, Some(name)), e)),
-        };
-        let mut sub_rel = rel.to_vec();
-        if !sub_rel.is_empty() {
-            sub_rel.push(b'/');
-        }
-        sub_rel.extend_from_slice(name.to_bytes());
+        let listed = !self.start_dirs()?.is_empty();
         if sm.kind == FileType::Directory {
-            // A start directory is made in the clone (its entries are kept one by one); one
-            // born since holds no start entries, unless the clone has a directory of that name
-            // (the start's, replaced).
+            let sub_rel = child_rel(rel, name);
+            let started = if listed {
+                self.start_dirs()?.contains_key(&sub_rel)
+            } else {
+                self.born_by_start(dir, name)
+                    .map_err(|e| cerr("statx", self.at(rel, Some(name)), e))?
+                    .unwrap_or(false)
+            };
+            // A directory born since holds no start entries, unless the clone has one of that
+            // name (the start's, replaced by a file and back).
+            if !started && self.dir(&sub_rel)?.is_none() {
+                return Ok(());
+            }
             let sub = match rfs::openat(dir, name, DIR_FLAGS, Mode::empty()) {
                 Ok(fd) => fd,
                 Err(Errno::NOENT) | Err(Errno::NOTDIR) | Err(Errno::LOOP) => return Ok(()),
                 Err(e) => return Err(cerr("open", self.at(rel, Some(name)), e)),
             };
-            if self.dir(&sub_rel)?.is_none() {
-                if !started {
-                    return Ok(());
-                }
-                self.ensure_dir(&sub_rel, sub.as_fd())?;
+            if !self.ensure_dir(&sub_rel, sub.as_fd())? {
+                return Ok(());
             }
             let mut buf = std::mem::take(&mut self.buf);
             let names = list_dir(sub.as_fd(), &mut buf);
             self.buf = buf;
             let names = names.map_err(|e| cerr("readdir", self.at(&sub_rel, None), e))?;
             for child in names {
-                self.keep(tag, &sub_rel, sub.as_fd(), &child)?;
+                // One child that cannot be kept does not stop its siblings.
+                if let Err(e) = self.keep(&sub_rel, sub.as_fd(), &child) {
+                    self.failed.push(e);
+                }
             }
             return Ok(());
         }
-        if !started {
+        let started = self
+            .born_by_start(dir, name)
+            .map_err(|e| cerr("statx", self.at(rel, Some(name)), e))?
+            .unwrap_or(false);
+        // In a directory that was not there at the start, nothing was (the clock was set back).
+        if !started || (listed && !self.start_dirs()?.contains_key(rel)) {
             return Ok(());
         }
-        self.ensure_dir(rel, dir)?;
+        if !self.ensure_dir(rel, dir)? {
+            return Ok(());
+        }
         let kept = self.dirs[rel].fd.as_fd();
         match lstat_at(kept, name) {
             // Kept already (by an earlier write-back, or a full clone).
@@ -324,22 +391,16 @@ impl Keeper {
             Err(e) => return Err(cerr("lstat", self.at(rel, Some(name)), e)),
         }
         self.seq += 1;
-        let tmp = CString::new(format!(
-            "{TEMP_PREFIX}keep.{}.{}",
-            std::process::id(),
-            self.seq
-        ))
-        .map_err(|_| cerr("keep", self.at(rel, Some(name)), Errno::INVAL))?;
+        let tmp = CString::new(format!("{}.{}", self.tmp_stem, self.seq))
+            .map_err(|_| cerr("keep", self.at(rel, Some(name)), Errno::INVAL))?;
         let dup = |fd: BorrowedFd<'_>| {
             fd.try_clone_to_owned()
                 .map_err(|e| cerr("dup", self.at(rel, None), e))
         };
-        let kept = dup(self.dirs[rel].fd.as_fd())?;
+        let kept = dup(kept)?;
         if sm.kind == FileType::RegularFile {
-            // The data is read by the copy threads (see `Keeper::copy_files`).
             let src = dup(dir)?;
             self.files_to_copy.push(FileToCopy {
-                tag,
                 rel: rel.to_vec(),
                 src,
                 name: name.to_owned(),
@@ -356,8 +417,16 @@ impl Keeper {
                 self.pending.push((rel.to_vec(), tmp, name.to_owned()));
                 Ok(())
             }
-            // Gone meanwhile: nothing is replaced or deleted then.
+            // Gone meanwhile: nothing to keep.
             Ok(false) => Ok(()),
+            // The owner may not make device nodes: the RAM copy has none either (see
+            // `write.rs`), and the node on disk goes with a warning.
+            Err(("mknod", Errno::PERM))
+                if matches!(sm.kind, FileType::CharacterDevice | FileType::BlockDevice) =>
+            {
+                warn!(path = ?self.at(rel, Some(name)), "device node not kept: not permitted");
+                Ok(())
+            }
             Err((op, e)) => {
                 let _ = rfs::unlinkat(kept.as_fd(), &tmp, AtFlags::empty());
                 Err(cerr(op, self.at(rel, Some(name)), e))
@@ -393,10 +462,8 @@ impl Keeper {
                 .collect();
             workers
                 .into_iter()
-                .flat_map(|w| {
-                    // A worker that panicked (a bug) reports its files as failed below.
-                    w.join().unwrap_or_default()
-                })
+                // A worker that panicked (a bug) leaves its files unreported: failed below.
+                .flat_map(|w| w.join().unwrap_or_default())
                 .collect()
         });
         let mut done = vec![false; jobs.len()];
@@ -411,19 +478,19 @@ impl Keeper {
                 Err((op, e)) => {
                     let _ = rfs::unlinkat(&job.kept, &job.tmp, AtFlags::empty());
                     let err = cerr(op, self.at(&job.rel, Some(&job.name)), e);
-                    self.failed.push((job.tag, err));
+                    self.failed.push(err);
                 }
             }
         }
         for (job, _) in jobs.iter().zip(&done).filter(|(_, d)| !**d) {
             let _ = rfs::unlinkat(&job.kept, &job.tmp, AtFlags::empty());
             let err = cerr("copy", self.at(&job.rel, Some(&job.name)), Errno::IO);
-            self.failed.push((job.tag, err));
+            self.failed.push(err);
         }
     }
 
-    /// The files [`Keeper::copy_files`] could not keep, by the tag [`Keeper::keep`] was given.
-    pub(super) fn take_failed(&mut self) -> Vec<(usize, CopyError)> {
+    /// What could not be kept, so far.
+    pub(super) fn take_failed(&mut self) -> Vec<CopyError> {
         std::mem::take(&mut self.failed)
     }
 
@@ -437,24 +504,20 @@ impl Keeper {
         kept: BorrowedFd<'_>,
         tmp: &CStr,
     ) -> Result<bool, (&'static str, Errno)> {
-        match sm.kind {
-            FileType::Symlink => {
-                let target = match rfs::readlinkat(dir, name, Vec::new()) {
-                    Ok(t) => t,
-                    Err(Errno::NOENT) | Err(Errno::INVAL) => return Ok(false),
-                    Err(e) => return Err(("readlink", e)),
-                };
-                rfs::symlinkat(target.as_c_str(), kept, tmp).map_err(|e| ("symlink", e))?;
-                self.node_meta(kept, tmp, sm, true)?;
-                Ok(true)
-            }
-            _ => {
-                rfs::mknodat(kept, tmp, sm.kind, mode(sm.perm & 0o777), sm.rdev)
-                    .map_err(|e| ("mknod", e))?;
-                self.node_meta(kept, tmp, sm, false)?;
-                Ok(true)
-            }
+        if sm.kind == FileType::Symlink {
+            let target = match rfs::readlinkat(dir, name, Vec::new()) {
+                Ok(t) => t,
+                Err(Errno::NOENT) | Err(Errno::INVAL) => return Ok(false),
+                Err(e) => return Err(("readlink", e)),
+            };
+            rfs::symlinkat(target.as_c_str(), kept, tmp).map_err(|e| ("symlink", e))?;
+            self.node_meta(kept, tmp, sm, true)?;
+        } else {
+            rfs::mknodat(kept, tmp, sm.kind, mode(sm.perm & 0o777), sm.rdev)
+                .map_err(|e| ("mknod", e))?;
+            self.node_meta(kept, tmp, sm, false)?;
         }
+        Ok(true)
     }
 
     fn node_meta(
@@ -482,15 +545,34 @@ impl Keeper {
         !self.pending.is_empty() || self.dirs.values().any(|d| d.touched)
     }
 
-    /// After the copies are durable (the caller's syncfs): each under its name, the times of
-    /// the clone's directories set back, and all of it durable. On error nothing may be replaced
-    /// or deleted.
-    pub(super) fn commit(&mut self) -> Result<(), CopyError> {
-        for (rel, tmp, name) in std::mem::take(&mut self.pending) {
+    /// After the copies are durable on the filesystems in `synced` (the caller's syncfs; the
+    /// clone's is synced here if it is another): each under its name, the times of the clone's
+    /// directories set back, and all of it durable. A copy that cannot be renamed is left under
+    /// its temporary name (which the snapshot ignores) and reported.
+    pub(super) fn commit(&mut self, synced: &[u64]) -> Result<(), CopyError> {
+        if !synced.contains(&self.dev) {
+            let root = self.dirs[&[][..]].fd.as_fd();
+            rfs::syncfs(root).map_err(|e| cerr("syncfs", self.path.clone(), e))?;
+        }
+        let crash_at = keep_crash_point();
+        for (n, (rel, tmp, name)) in std::mem::take(&mut self.pending).into_iter().enumerate() {
+            if crash_at == Some(n) {
+                // Fault injection for the crash tests: die like kill -9, mid-commit.
+                std::process::abort();
+            }
             let Some(kept) = self.dirs.get_mut(&rel) else {
                 continue;
             };
-            match rfs::renameat_with(&kept.fd, &tmp, &kept.fd, &name, RenameFlags::NOREPLACE) {
+            let mut r = rfs::renameat_with(&kept.fd, &tmp, &kept.fd, &name, RenameFlags::NOREPLACE);
+            if r == Err(Errno::INVAL) {
+                // A filesystem without RENAME_NOREPLACE: the name is checked first instead
+                // (nothing else writes to the clone meanwhile).
+                r = match lstat_at(kept.fd.as_fd(), &name) {
+                    Ok(_) => Err(Errno::EXIST),
+                    Err(_) => rfs::renameat(&kept.fd, &tmp, &kept.fd, &name),
+                };
+            }
+            match r {
                 Ok(()) => {
                     kept.touched = true;
                     self.kept += 1;
@@ -499,20 +581,22 @@ impl Keeper {
                 Err(Errno::EXIST) => {
                     let _ = remove_entry(kept.fd.as_fd(), &tmp, &mut self.buf);
                 }
-                Err(e) => return Err(cerr("rename", join_rel(&self.path, &rel, Some(&name)), e)),
+                Err(e) => {
+                    self.failed
+                        .push(cerr("rename", join_rel(&self.path, &rel, Some(&name)), e))
+                }
             }
         }
         for (rel, d) in &mut self.dirs {
             if d.touched {
-                rfs::futimens(&d.fd, &d.times)
-                    .map_err(|e| cerr("utimens", join_rel(&self.path, rel, None), e))?;
+                if let Err(e) = rfs::futimens(&d.fd, &d.times) {
+                    self.failed
+                        .push(cerr("utimens", join_rel(&self.path, rel, None), e));
+                }
                 d.touched = false;
             }
         }
-        let root = self.dirs.get(&Vec::new()).map(|d| d.fd.as_fd());
-        if let Some(root) = root {
-            rfs::syncfs(root).map_err(|e| cerr("syncfs", self.path.clone(), e))?;
-        }
-        Ok(())
+        let root = self.dirs[&[][..]].fd.as_fd();
+        rfs::syncfs(root).map_err(|e| cerr("syncfs", self.path.clone(), e))
     }
 }

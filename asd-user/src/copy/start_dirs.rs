@@ -21,8 +21,9 @@ use crate::fsio::{mode, Meta};
 /// Its name in the clone: a temporary name, which nothing takes for a start entry.
 pub const NAME: &CStr = c".#asd-tmp.start-dirs";
 const MAGIC: &[u8] = b"asd start dirs 1\n";
-/// A list larger than this is not asd's (a million directories take about 60 MB).
-const MAX_SIZE: u64 = 256 << 20;
+/// A list larger than this is not asd's: a start clone that would need one is a full clone
+/// (two million directories with paths of 80 bytes).
+pub(crate) const MAX_SIZE: u64 = 256 << 20;
 
 /// A start directory's metadata.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
