@@ -60,30 +60,7 @@ PY"#,
     let job = serde_json::json!({"Copy": {
         "src": src, "dst": dst, "delete": true, "durable": false
     }});
-    let mut child = ns
-        .cmd("setpriv")
-        .args([
-            format!("--reuid={uid}"),
-            format!("--regid={gid}"),
-            "--clear-groups".to_string(),
-            env!("CARGO_BIN_EXE_asd").to_string(),
-            asd::owner::WORKER_ARG.to_string(),
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("worker");
-    {
-        use std::io::Write;
-        let mut stdin = child.stdin.take().expect("stdin");
-        stdin
-            .write_all(job.to_string().as_bytes())
-            .expect("job to the worker");
-    }
-    let out = child.wait_with_output().expect("worker");
-    let text = output_text(&out);
-    assert!(out.status.success(), "the copy as the user failed: {text}");
+    let text = run_job_as(ns.cmd("setpriv"), uid, gid, &job);
     assert!(
         text.contains("\"files_copied\":2400,"),
         "every file copied: {text}"

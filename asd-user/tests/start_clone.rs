@@ -11,7 +11,7 @@ use std::process::Command;
 use asd::copy::{self, CopyOptions};
 
 mod common;
-use common::{have, output_text, require_root, test_user};
+use common::{have, require_root, rsync_itemize, run_job_as, test_user};
 
 fn sh(script: &str) {
     let out = Command::new("sh")
@@ -27,23 +27,7 @@ fn sh(script: &str) {
 
 /// `rsync -aXn --delete --itemize-changes a/ b/`: empty when the trees are equal.
 fn tree_diff(a: &Path, b: &Path) -> String {
-    rsync_diff("-aXn", a, b)
-}
-
-/// As [`tree_diff`] with other rsync flags.
-fn rsync_diff(flags: &str, a: &Path, b: &Path) -> String {
-    let out = Command::new("rsync")
-        .args([flags, "--delete", "--itemize-changes"])
-        .arg(format!("{}/", a.display()))
-        .arg(format!("{}/", b.display()))
-        .output()
-        .expect("rsync");
-    assert!(
-        out.status.success(),
-        "rsync: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    rsync_itemize("-aXn", a, b)
 }
 
 fn birth_times_here(dir: &Path) -> bool {
@@ -91,7 +75,7 @@ fn snapshot_matches_start(s: &Site, old: &Path, current: &Path, reference: &Path
         out.display()
     ));
     // Snapshots hold no xattrs (as asd 6.0's tar): everything else must match.
-    let diff = rsync_diff("-an", reference, &out.join("t"));
+    let diff = rsync_itemize("-an", reference, &out.join("t"));
     assert!(
         diff.is_empty(),
         "{round}: the snapshot is not the start state:\n{diff}"
@@ -251,32 +235,7 @@ fn read_only_start_directories_as_their_owner() {
          echo changed >> ram/w/x; chmod 0555 ram/ro/deep ram/ro ram",
         r = r.display()
     ));
-    let as_user = |job: serde_json::Value| {
-        let mut child = Command::new("setpriv")
-            .args([
-                format!("--reuid={uid}"),
-                format!("--regid={gid}"),
-                "--clear-groups".to_string(),
-                env!("CARGO_BIN_EXE_asd").to_string(),
-                asd::owner::WORKER_ARG.to_string(),
-            ])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("worker");
-        {
-            use std::io::Write;
-            let mut stdin = child.stdin.take().expect("stdin");
-            stdin
-                .write_all(job.to_string().as_bytes())
-                .expect("job to the worker");
-        }
-        let out = child.wait_with_output().expect("worker");
-        let text = output_text(&out);
-        assert!(out.status.success(), "{job}: {text}");
-        text
-    };
+    let as_user = |job: serde_json::Value| run_job_as(Command::new("setpriv"), uid, gid, &job);
     let (t, old, ram) = (r.join("t"), r.join("old"), r.join("ram"));
     as_user(serde_json::json!({"Clone": {"src": t, "dst": old}}));
     let text = as_user(serde_json::json!({"Copy": {
@@ -294,7 +253,7 @@ fn read_only_start_directories_as_their_owner() {
         snap.display(),
         out.display()
     ));
-    let diff = rsync_diff("-an", &r.join("ref"), &out.join("t"));
+    let diff = rsync_itemize("-an", &r.join("ref"), &out.join("t"));
     assert!(
         diff.is_empty(),
         "the snapshot is not the start state:\n{diff}"

@@ -237,19 +237,7 @@ impl Ns {
 
     /// `rsync -aXn --delete --itemize-changes a/ b/` inside the namespace: empty when equal.
     pub fn tree_diff(&self, a: &Path, b: &Path) -> String {
-        let out = self
-            .cmd("rsync")
-            .args(["-aXn", "--delete", "--itemize-changes"])
-            .arg(format!("{}/", a.display()))
-            .arg(format!("{}/", b.display()))
-            .output()
-            .expect("rsync");
-        assert!(
-            out.status.success(),
-            "rsync failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        itemize_with(self.cmd("rsync"), "-aXn", a, b)
     }
 
     pub fn statfs_type(&self, p: &Path) -> String {
@@ -292,6 +280,56 @@ pub fn home_mode_of(name: &str) -> u32 {
     } else {
         0o700
     }
+}
+
+/// Runs `job` (an owner job, as JSON) through asd's worker entry as `uid:gid`, the way asd runs
+/// the jobs of a target's owner; `setpriv` is the command that starts it (`Command::new`, or
+/// [`Ns::cmd`] inside a namespace). Returns its stdout and stderr; panics with them if it failed.
+pub fn run_job_as(mut setpriv: Command, uid: u32, gid: u32, job: &serde_json::Value) -> String {
+    use std::io::Write;
+    let mut child = setpriv
+        .args([
+            format!("--reuid={uid}"),
+            format!("--regid={gid}"),
+            "--clear-groups".to_string(),
+            ASD.to_string(),
+            asd::owner::WORKER_ARG.to_string(),
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("worker");
+    {
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin
+            .write_all(job.to_string().as_bytes())
+            .expect("job to the worker");
+    }
+    let out = child.wait_with_output().expect("worker");
+    let text = output_text(&out);
+    assert!(out.status.success(), "{job} as {uid} failed: {text}");
+    text
+}
+
+/// `rsync <flags> --delete --itemize-changes a/ b/` (outside any namespace): empty when equal.
+pub fn rsync_itemize(flags: &str, a: &Path, b: &Path) -> String {
+    itemize_with(Command::new("rsync"), flags, a, b)
+}
+
+fn itemize_with(mut rsync: Command, flags: &str, a: &Path, b: &Path) -> String {
+    let out = rsync
+        .args([flags, "--delete", "--itemize-changes"])
+        .arg(format!("{}/", a.display()))
+        .arg(format!("{}/", b.display()))
+        .output()
+        .expect("rsync");
+    assert!(
+        out.status.success(),
+        "rsync failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Create `user` if missing, the way Fedora, Arch and Debian 12's `adduser` do: a private home
