@@ -228,9 +228,9 @@ pub fn recover(
                 durable: true,
                 since: None,
                 marks: None,
-                // The snapshot holds the start state by now, and the next attempt finds it
-                // (nothing changes the clone).
-                start_clone: None,
+                // The snapshot holds the start state by now; should a later attempt not find
+                // it and take another, the clone still has what this write-back replaces.
+                start_clone: nsops::exists(&p.old).then(|| p.old.clone()),
             },
             None,
         )?;
@@ -299,7 +299,7 @@ fn check_backup_dir_gone(p: &TargetPaths) -> Result<(), RecoverError> {
 }
 
 /// A crash-recovery snapshot of the start clone `-old` that already exists: one named and written
-/// after the clone was made (its change time: later than its birth; recovery never changes it) can only
+/// after the clone last changed at its root (its change time) can only
 /// have been taken of it, by an earlier recovery attempt, as recovery snapshots the clone
 /// whenever it exists (a snapshot copied in from elsewhere keeps its older name). The target
 /// itself is no such source: between attempts its programs may write to it.

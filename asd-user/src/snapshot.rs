@@ -150,9 +150,13 @@ fn write_archive(
             let cur = fs::symlink_metadata(cur)
                 .is_ok_and(|m| m.is_dir())
                 .then_some(cur);
+            // A damaged list: the clone's own directories' metadata, said.
             let dirs = File::open(src)
                 .and_then(|d| copy::start_dirs::read(std::os::fd::AsFd::as_fd(&d)))
-                .map_err(ioe("read", src))?;
+                .unwrap_or_else(|e| {
+                    tracing::warn!("{}: start directory list: {e}", src.display());
+                    copy::start_dirs::StartDirs::new()
+                });
             let mut m = Merge {
                 b: &mut builder,
                 start,
@@ -308,6 +312,7 @@ impl Merge<'_> {
             .append_data(&mut h, name, io::empty())
             .map_err(ioe("write", name))?;
         let mut children = Vec::new();
+        let mut cur = cur;
         for dir in [kept, cur].into_iter().flatten() {
             let rd = match fs::read_dir(dir) {
                 Ok(rd) => rd,
@@ -319,6 +324,7 @@ impl Merge<'_> {
                         "{}: unreadable, its start entries are not in the snapshot",
                         dir.display()
                     );
+                    cur = None;
                     continue;
                 }
                 Err(e) => return Err(ioe("readdir", dir)(e)),
@@ -336,6 +342,8 @@ impl Merge<'_> {
             match fs::symlink_metadata(&p) {
                 Ok(m) => Ok(Some((p, m))),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+                // In a tree directory that cannot be searched (see above).
+                Err(e) if e.kind() == io::ErrorKind::PermissionDenied => Ok(None),
                 Err(e) => Err(ioe("lstat", &p)(e)),
             }
         };

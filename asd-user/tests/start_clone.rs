@@ -278,3 +278,39 @@ fn walkdir_count(dir: &Path, pick: fn(&std::fs::Metadata) -> bool) -> usize {
     }
     n
 }
+
+/// A deleted start subtree with more directories than the keeper keeps open at once (it closes
+/// and reopens them by path): every start file is kept, the snapshot is the start state.
+#[test]
+fn a_deleted_start_subtree_of_many_directories_is_kept_whole() {
+    let s = Site::new();
+    if !birth_times_here(&s.root) {
+        eprintln!("SKIP: no birth times on {}", s.root.display());
+        return;
+    }
+    let t = s.p("t");
+    sh(&format!(
+        "cd '{r}'; mkdir -p t/keep
+         for i in $(seq 1 300); do mkdir -p t/big/d$i/sub; echo $i > t/big/d$i/f; echo $i > t/big/d$i/sub/g; done
+         echo k > t/keep/k; cp -a t ref",
+        r = s.root.display()
+    ));
+    let old = s.p("old");
+    std::fs::create_dir(&old).expect("mkdir old");
+    copy::start_clone(&t, &old).expect("start clone");
+    let ram = s.p("ram");
+    sh(&format!(
+        "cp -a '{t}' '{ram}'; rm -r '{ram}/big'",
+        t = t.display(),
+        ram = ram.display()
+    ));
+    let st = write_back(&ram, &t, &old);
+    assert!(st.deleted > 0, "the subtree was deleted: {st:?}");
+    assert!(tree_diff(&ram, &t).is_empty(), "written back");
+    assert_eq!(
+        walkdir_count(&old, |m| m.is_file()),
+        601,
+        "600 files kept, and the list"
+    );
+    snapshot_matches_start(&s, &old, &t, &s.p("ref"), "after deleting the subtree");
+}

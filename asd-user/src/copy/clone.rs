@@ -31,8 +31,8 @@ pub fn hardlink_clone(src: &Path, dst: &Path) -> Result<CopyStats, CopyError> {
 }
 
 /// The start-state clone of `src` in the existing empty directory `dst` (same filesystem):
-/// only the list of `src`'s directories and their metadata ([`super::start_dirs`]), and the
-/// root's metadata; write-backs fill it in (see [`super::keep`]). `dst`'s birth is the start:
+/// only the list of `src`'s directories and their metadata ([`super::start_dirs`]), the root's
+/// included; write-backs fill it in (see [`super::keep`]). `dst`'s birth is the start:
 /// this waits for the inode clock to pass it, so that whatever is written after it returns is
 /// born later. A full hard-linked clone instead where that cannot tell the start entries: the
 /// filesystem records no birth times, the clock does not move on, or an entry of `src` is born

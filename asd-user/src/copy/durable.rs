@@ -135,7 +135,8 @@ impl Engine<'_> {
             }
             warn_not_kept(k.take_failed());
         }
-        if let Some(k) = keeper.as_ref().filter(|k| k.kept > 0) {
+        // Done with the clone: its descriptors close before the renames and deletions.
+        if let Some(k) = keeper.take().filter(|k| k.kept > 0) {
             tracing::debug!(kept = k.kept, "start entries kept in the start clone");
         }
         // Between phases 2 and 3: the destination's logs of databases about to be replaced

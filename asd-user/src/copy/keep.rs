@@ -50,6 +50,7 @@ use crate::fsio::{
     Meta, DIR_FLAGS, FILE_FLAGS,
 };
 
+use super::engine::Engine;
 use super::file::{FileCopier, CREATE_FLAGS};
 use super::helpers::{join_rel, open_root};
 use super::policy::Policy;
@@ -66,8 +67,11 @@ pub(crate) struct Keeper {
     /// The start directories' metadata (see [`super::start_dirs`]), read when first needed;
     /// empty for a clone without a list (a full one).
     start_dirs: Option<StartDirs>,
-    /// Directories of the clone opened so far, by their path relative to its root.
+    root: OwnedFd,
+    /// Directories of the clone looked at so far, by their path relative to its root.
     dirs: HashMap<Vec<u8>, KeptDir>,
+    /// How many of them hold an open descriptor.
+    open: usize,
     /// Copies made under a temporary name: (directory, temporary name, name).
     pending: Vec<(Vec<u8>, CString, CString)>,
     policy: Arc<Policy>,
@@ -84,7 +88,11 @@ pub(crate) struct Keeper {
 }
 
 /// Regular files queued at most, each holding two descriptors.
-const MAX_QUEUED: usize = 256;
+const MAX_QUEUED: usize = 64;
+/// Clone directories kept open at most (besides the root): a write-back stays well below the
+/// usual limit of 1024 descriptors (the engine's own directories included), however many
+/// directories a deleted start subtree has.
+const MAX_OPEN_DIRS: usize = 128;
 
 /// A regular file to keep: `name` of `src` to `tmp` in `kept` (the clone's directory `rel`).
 struct FileToCopy {
@@ -118,7 +126,8 @@ fn copy_file(copier: &mut FileCopier, job: &FileToCopy) -> CopyResult {
 }
 
 struct KeptDir {
-    fd: OwnedFd,
+    /// Open while used; closed beyond [`MAX_OPEN_DIRS`], reopened by path when needed again.
+    fd: Option<OwnedFd>,
     /// Its times at the start, set again at the end if entries were added.
     times: Timestamps,
     touched: bool,
@@ -162,7 +171,7 @@ impl Keeper {
         dirs.insert(
             Vec::new(),
             KeptDir {
-                fd: root,
+                fd: None,
                 times: rm.times(),
                 touched: false,
             },
@@ -175,7 +184,9 @@ impl Keeper {
             start,
             dev: rm.dev,
             start_dirs: None,
+            root,
             dirs,
+            open: 0,
             pending: Vec::new(),
             policy,
             files_to_copy: Vec::new(),
@@ -193,15 +204,17 @@ impl Keeper {
 
     fn start_dirs(&mut self) -> Result<&StartDirs, CopyError> {
         if self.start_dirs.is_none() {
-            let root = self.dirs[&[][..]].fd.as_fd();
-            let list = start_dirs::read(root).map_err(|e| {
-                cerr(
-                    "read",
-                    self.path
-                        .join(OsStr::from_bytes(start_dirs::NAME.to_bytes())),
-                    e,
-                )
-            })?;
+            // A damaged list (said once): start directories are then told by birth time.
+            let list = start_dirs::read(self.root.as_fd()).unwrap_or_else(|e| {
+                let list = self
+                    .path
+                    .join(OsStr::from_bytes(start_dirs::NAME.to_bytes()));
+                warn!(
+                    "{}: {e}; telling start directories by birth time",
+                    list.display()
+                );
+                StartDirs::new()
+            });
             self.start_dirs = Some(list);
         }
         Ok(self.start_dirs.get_or_insert_with(StartDirs::new))
@@ -218,32 +231,62 @@ impl Keeper {
 
     /// The clone's directory `rel` if it has one.
     fn dir(&mut self, rel: &[u8]) -> Result<Option<BorrowedFd<'_>>, CopyError> {
-        if !self.dirs.contains_key(rel) {
-            let (parent_rel, name) = split_rel(rel);
-            let name =
-                CString::new(name).map_err(|_| cerr("open", self.at(rel, None), Errno::INVAL))?;
-            if self.dir(parent_rel)?.is_none() {
-                return Ok(None);
-            }
-            let parent = &self.dirs[parent_rel];
-            let fd = match rfs::openat(&parent.fd, &name, DIR_FLAGS, Mode::empty()) {
+        if rel.is_empty() {
+            return Ok(Some(self.root.as_fd()));
+        }
+        if self.dirs.get(rel).is_none_or(|d| d.fd.is_none()) {
+            let fd = match Engine::open_rel(self.root.as_fd(), rel) {
                 Ok(fd) => fd,
                 Err(Errno::NOENT) | Err(Errno::NOTDIR) | Err(Errno::LOOP) => return Ok(None),
                 Err(e) => return Err(cerr("open", self.at(rel, None), e)),
             };
-            let times = fstat(fd.as_fd())
-                .map_err(|e| cerr("stat", self.at(rel, None), e))?
-                .times();
-            self.dirs.insert(
-                rel.to_vec(),
-                KeptDir {
-                    fd,
-                    times,
-                    touched: false,
-                },
-            );
+            self.remember(rel, fd, None)?;
         }
-        Ok(self.dirs.get(rel).map(|d| d.fd.as_fd()))
+        Ok(self
+            .dirs
+            .get(rel)
+            .and_then(|d| d.fd.as_ref())
+            .map(|fd| fd.as_fd()))
+    }
+
+    /// Records the clone's directory `rel`, open as `fd`, with `times` to set at the end (or
+    /// its own, the first time it is seen); closes the others first beyond [`MAX_OPEN_DIRS`].
+    fn remember(
+        &mut self,
+        rel: &[u8],
+        fd: OwnedFd,
+        times: Option<Timestamps>,
+    ) -> Result<(), CopyError> {
+        if self.open >= MAX_OPEN_DIRS {
+            for d in self.dirs.values_mut() {
+                d.fd = None;
+            }
+            self.open = 0;
+        }
+        let times = match (times, self.dirs.get(rel)) {
+            (Some(t), _) => t,
+            (None, Some(d)) => d.times.clone(),
+            (None, None) => fstat(fd.as_fd())
+                .map_err(|e| cerr("stat", self.at(rel, None), e))?
+                .times(),
+        };
+        let touched = self.dirs.get(rel).is_some_and(|d| d.touched);
+        self.dirs.insert(
+            rel.to_vec(),
+            KeptDir {
+                fd: Some(fd),
+                times,
+                touched,
+            },
+        );
+        self.open += 1;
+        Ok(())
+    }
+
+    fn touch(&mut self, rel: &[u8]) {
+        if let Some(d) = self.dirs.get_mut(rel) {
+            d.touched = true;
+        }
     }
 
     /// The clone's directory `rel`, made where missing (and its parents), like the start
@@ -283,10 +326,9 @@ impl Keeper {
             }
             None => false,
         };
-        if self.dir(parent_rel)?.is_none() {
+        let Some(parent) = self.dir(parent_rel)? else {
             return Err(cerr("mkdir", self.at(rel, None), Errno::NOENT));
-        }
-        let parent = self.dirs[parent_rel].fd.as_fd();
+        };
         match rfs::mkdirat(parent, &name, mode(0o700)) {
             Ok(()) | Err(Errno::EXIST) => {}
             Err(e) => return Err(cerr("mkdir", self.at(rel, None), e)),
@@ -296,9 +338,7 @@ impl Keeper {
             Err(Errno::NOTDIR) | Err(Errno::LOOP) => return Ok(false),
             Err(e) => return Err(cerr("open", self.at(rel, None), e)),
         };
-        if let Some(p) = self.dirs.get_mut(parent_rel) {
-            p.touched = true;
-        }
+        self.touch(parent_rel);
         let now = fstat(made.as_fd()).map_err(|e| cerr("stat", self.at(rel, None), e))?;
         let (uid, gid) = self.policy.ids.change(&m, &now);
         if uid.is_some() || gid.is_some() {
@@ -310,15 +350,9 @@ impl Keeper {
         // Unlisted (a full clone's): its mode, writable for what is kept in it.
         let perm = if listed { 0o700 } else { m.perm | 0o700 };
         rfs::fchmod(&made, mode(perm)).map_err(|e| cerr("chmod", self.at(rel, None), e))?;
-        self.dirs.insert(
-            rel.to_vec(),
-            KeptDir {
-                fd: made,
-                times: m.times(),
-                // Its times are the start directory's, set at the end.
-                touched: true,
-            },
-        );
+        self.remember(rel, made, Some(m.times()))?;
+        // Its times are the start directory's, set at the end.
+        self.touch(rel);
         Ok(true)
     }
 
@@ -383,8 +417,13 @@ impl Keeper {
         if !self.ensure_dir(rel, dir)? {
             return Ok(());
         }
-        let kept = self.dirs[rel].fd.as_fd();
-        match lstat_at(kept, name) {
+        let kept = match self.dir(rel)? {
+            Some(fd) => fd
+                .try_clone_to_owned()
+                .map_err(|e| cerr("dup", self.at(rel, None), e))?,
+            None => return Ok(()),
+        };
+        match lstat_at(kept.as_fd(), name) {
             // Kept already (by an earlier write-back, or a full clone).
             Ok(_) => return Ok(()),
             Err(Errno::NOENT) => {}
@@ -397,7 +436,6 @@ impl Keeper {
             fd.try_clone_to_owned()
                 .map_err(|e| cerr("dup", self.at(rel, None), e))
         };
-        let kept = dup(kept)?;
         if sm.kind == FileType::RegularFile {
             let src = dup(dir)?;
             self.files_to_copy.push(FileToCopy {
@@ -551,8 +589,7 @@ impl Keeper {
     /// its temporary name (which the snapshot ignores) and reported.
     pub(super) fn commit(&mut self, synced: &[u64]) -> Result<(), CopyError> {
         if !synced.contains(&self.dev) {
-            let root = self.dirs[&[][..]].fd.as_fd();
-            rfs::syncfs(root).map_err(|e| cerr("syncfs", self.path.clone(), e))?;
+            rfs::syncfs(&self.root).map_err(|e| cerr("syncfs", self.path.clone(), e))?;
         }
         let crash_at = keep_crash_point();
         for (n, (rel, tmp, name)) in std::mem::take(&mut self.pending).into_iter().enumerate() {
@@ -560,43 +597,75 @@ impl Keeper {
                 // Fault injection for the crash tests: die like kill -9, mid-commit.
                 std::process::abort();
             }
-            let Some(kept) = self.dirs.get_mut(&rel) else {
-                continue;
+            let kept = match self.dir(&rel) {
+                Ok(Some(fd)) => fd.try_clone_to_owned(),
+                Ok(None) => {
+                    let err = cerr("open", join_rel(&self.path, &rel, None), Errno::NOENT);
+                    self.failed.push(err);
+                    continue;
+                }
+                Err(e) => {
+                    self.failed.push(e);
+                    continue;
+                }
             };
-            let mut r = rfs::renameat_with(&kept.fd, &tmp, &kept.fd, &name, RenameFlags::NOREPLACE);
+            let kept = match kept {
+                Ok(fd) => fd,
+                Err(e) => {
+                    self.failed
+                        .push(cerr("dup", join_rel(&self.path, &rel, None), e));
+                    continue;
+                }
+            };
+            let kept = kept.as_fd();
+            let mut r = rfs::renameat_with(kept, &tmp, kept, &name, RenameFlags::NOREPLACE);
             if r == Err(Errno::INVAL) {
                 // A filesystem without RENAME_NOREPLACE: the name is checked first instead
                 // (nothing else writes to the clone meanwhile).
-                r = match lstat_at(kept.fd.as_fd(), &name) {
+                r = match lstat_at(kept, &name) {
                     Ok(_) => Err(Errno::EXIST),
-                    Err(_) => rfs::renameat(&kept.fd, &tmp, &kept.fd, &name),
+                    Err(_) => rfs::renameat(kept, &tmp, kept, &name),
                 };
             }
-            match r {
-                Ok(()) => {
-                    kept.touched = true;
-                    self.kept += 1;
-                }
+            let removed = match r {
+                Ok(()) => None,
                 // Kept by then under its name: the copy is not needed.
-                Err(Errno::EXIST) => {
-                    let _ = remove_entry(kept.fd.as_fd(), &tmp, &mut self.buf);
-                }
+                Err(Errno::EXIST) => Some(remove_entry(kept, &tmp, &mut self.buf)),
                 Err(e) => {
-                    self.failed
-                        .push(cerr("rename", join_rel(&self.path, &rel, Some(&name)), e))
+                    let err = cerr("rename", join_rel(&self.path, &rel, Some(&name)), e);
+                    self.failed.push(err);
+                    continue;
                 }
+            };
+            if removed.is_none() {
+                self.touch(&rel);
+                self.kept += 1;
             }
         }
-        for (rel, d) in &mut self.dirs {
-            if d.touched {
-                if let Err(e) = rfs::futimens(&d.fd, &d.times) {
-                    self.failed
-                        .push(cerr("utimens", join_rel(&self.path, rel, None), e));
+        let touched: Vec<(Vec<u8>, Timestamps)> = self
+            .dirs
+            .iter()
+            .filter(|(_, d)| d.touched)
+            .map(|(rel, d)| (rel.clone(), d.times.clone()))
+            .collect();
+        for (rel, times) in touched {
+            let set = match self.dir(&rel) {
+                Ok(Some(fd)) => rfs::futimens(fd, &times),
+                Ok(None) => Err(Errno::NOENT),
+                Err(e) => {
+                    self.failed.push(e);
+                    continue;
                 }
+            };
+            if let Err(e) = set {
+                self.failed
+                    .push(cerr("utimens", join_rel(&self.path, &rel, None), e));
+            }
+            if let Some(d) = self.dirs.get_mut(&rel) {
                 d.touched = false;
             }
         }
-        let root = self.dirs[&[][..]].fd.as_fd();
+        let root = self.root.as_fd();
         rfs::syncfs(root).map_err(|e| cerr("syncfs", self.path.clone(), e))
     }
 }
