@@ -49,18 +49,32 @@ impl Site {
         let root = tmp.path().to_path_buf();
         Site { _tmp: tmp, root }
     }
+    /// A site, if its filesystem records birth times (else the test says it is skipped).
+    fn with_birth_times() -> Option<Site> {
+        let s = Site::new();
+        if !birth_times_here(&s.root) {
+            eprintln!("SKIP: no birth times on {}", s.root.display());
+            return None;
+        }
+        Some(s)
+    }
+
     fn p(&self, name: &str) -> PathBuf {
         self.root.join(name)
     }
 }
 
-fn write_back(ram: &Path, disk: &Path, old: &Path) -> copy::CopyStats {
+fn try_write_back(ram: &Path, disk: &Path, old: &Path) -> Result<copy::CopyStats, copy::CopyError> {
     let opts = CopyOptions {
         delete: true,
         durable: true,
         ..CopyOptions::default()
     };
-    copy::write_back(ram, disk, &opts, None, Some(old)).expect("write-back")
+    copy::write_back(ram, disk, &opts, None, Some(old))
+}
+
+fn write_back(ram: &Path, disk: &Path, old: &Path) -> copy::CopyStats {
+    try_write_back(ram, disk, old).expect("write-back")
 }
 
 fn snapshot_matches_start(s: &Site, old: &Path, current: &Path, reference: &Path, round: &str) {
@@ -84,11 +98,9 @@ fn snapshot_matches_start(s: &Site, old: &Path, current: &Path, reference: &Path
 
 #[test]
 fn snapshot_of_a_start_clone_is_the_start_state_after_every_kind_of_change() {
-    let s = Site::new();
-    if !birth_times_here(&s.root) {
-        eprintln!("SKIP: no birth times on {}", s.root.display());
+    let Some(s) = Site::with_birth_times() else {
         return;
-    }
+    };
     let t = s.p("t");
     // The start tree: nested directories, files of several sizes, modes, an xattr, a symlink,
     // a fifo, an empty directory, a hard-linked pair.
@@ -161,11 +173,9 @@ fn snapshot_of_a_start_clone_is_the_start_state_after_every_kind_of_change() {
 /// user's data back: the write-back completes and says what it could not keep (a warning).
 #[test]
 fn a_start_entry_that_cannot_be_kept_does_not_hold_back_the_write_back() {
-    let s = Site::new();
-    if !birth_times_here(&s.root) {
-        eprintln!("SKIP: no birth times on {}", s.root.display());
+    let Some(s) = Site::with_birth_times() else {
         return;
-    }
+    };
     let t = s.p("t");
     sh(&format!(
         "cd '{r}'; mkdir -p t/sub; echo start > t/sub/f; echo start > t/sub/g; cp -a t ref",
@@ -187,12 +197,7 @@ fn a_start_entry_that_cannot_be_kept_does_not_hold_back_the_write_back() {
         t = t.display(),
         ram = ram.display()
     ));
-    let opts = CopyOptions {
-        delete: true,
-        durable: true,
-        ..CopyOptions::default()
-    };
-    let res = copy::write_back(&ram, &t, &opts, None, Some(&old));
+    let res = try_write_back(&ram, &t, &old);
     if root {
         sh(&format!("chattr -i '{}'", old.display()));
     } else {
@@ -283,11 +288,9 @@ fn walkdir_count(dir: &Path, pick: fn(&std::fs::Metadata) -> bool) -> usize {
 /// and reopens them by path): every start file is kept, the snapshot is the start state.
 #[test]
 fn a_deleted_start_subtree_of_many_directories_is_kept_whole() {
-    let s = Site::new();
-    if !birth_times_here(&s.root) {
-        eprintln!("SKIP: no birth times on {}", s.root.display());
+    let Some(s) = Site::with_birth_times() else {
         return;
-    }
+    };
     let t = s.p("t");
     sh(&format!(
         "cd '{r}'; mkdir -p t/keep
