@@ -747,14 +747,20 @@ impl Engine<'_> {
         } else {
             self.mounter.release(t).map_err(te)?;
         }
-        // Before the RAM copy is deleted: a journal would follow every deletion.
-        drop(local);
-        if let Some(j) = &self.journals {
-            j.forget(t);
-        }
+        // The target's journals are done. Closing one removes a watch per directory (about
+        // 15 ms for 1,300 here): on a thread of its own, beside the deletion. Its reader stops
+        // first thing, so at most the first few deletions are followed, to no effect.
+        let forgotten = self.journals.as_ref().and_then(|j| j.forget(t));
+        let closing = std::thread::Builder::new()
+            .name("asd-journal-close".into())
+            .spawn(move || drop((local, forgotten)));
         let on_disk = began.elapsed().as_secs_f64();
         progress::phase("deleting the RAM copy");
-        recover::cleanup(t).map_err(|e| target_err(&p.target, e))?;
+        let cleaned = recover::cleanup(t);
+        if let Ok(closing) = closing {
+            let _ = closing.join();
+        }
+        cleaned.map_err(|e| target_err(&p.target, e))?;
         // Apart, since they differ in kind: the first grows with what changed, the second with
         // the size of the tree (deleting the RAM copy and the start clone).
         tracing::info!(

@@ -99,8 +99,12 @@ impl Journals {
         }
     }
 
-    /// The target left RAM: its journal goes.
-    pub fn forget(&self, t: &TargetState) {
-        self.by_target.borrow_mut().remove(&t.paths.target);
+    /// The target left RAM: its journal goes, returned to be dropped where the caller likes
+    /// (closing it removes one watch per directory, which takes a while in a big tree).
+    pub fn forget(&self, t: &TargetState) -> Option<ChangeJournal> {
+        self.by_target
+            .borrow_mut()
+            .remove(&t.paths.target)
+            .map(|w| w.journal)
     }
 }

@@ -317,3 +317,72 @@ fn a_deleted_start_subtree_of_many_directories_is_kept_whole() {
     );
     snapshot_matches_start(&s, &old, &t, &s.p("ref"), "after deleting the subtree");
 }
+
+/// The two incremental write-backs, each with its scout warming the destination and the clone
+/// while the walk runs: one from a change journal's marks (the daemon's), one by ctime (a
+/// one-off `asd resync` or `asd unsync`). Both keep the start state of what they replace or
+/// delete, and only that.
+#[test]
+fn incremental_write_backs_by_journal_and_by_ctime_keep_the_start_state() {
+    let Some(s) = Site::with_birth_times() else {
+        return;
+    };
+    let t = s.p("t");
+    sh(&format!(
+        "cd '{r}'; for i in $(seq 1 40); do mkdir -p t/d$i/e; for j in 1 2 3; do
+           echo $i.$j > t/d$i/f$j; echo $i.$j > t/d$i/e/g$j; done; done
+         cp -a t ref; cp -a t ram",
+        r = s.root.display()
+    ));
+    let (old, ram) = (s.p("old"), s.p("ram"));
+    std::fs::create_dir(&old).expect("mkdir old");
+    copy::start_clone(&t, &old).expect("start clone");
+    let opts = CopyOptions {
+        delete: true,
+        durable: true,
+        ..CopyOptions::default()
+    };
+
+    // By the journal's marks: its period starts with the first take.
+    let journal = asd::journal::ChangeJournal::start(&ram, 100_000).expect("journal");
+    let _ = journal.take();
+    sh(&format!(
+        "cd '{}'; for i in 3 7 11 19 23 31; do echo changed >> d$i/f1; echo changed >> d$i/e/g2; done
+         rm -r d5 d6/e; rm d9/f3; echo new > d12/new; mkdir d40/fresh; echo n > d40/fresh/n",
+        ram.display()
+    ));
+    let asd::journal::Changes::Exact(marks) = journal.take() else {
+        panic!("the journal is in doubt");
+    };
+    assert!(!marks.is_empty(), "the journal marked the changes");
+    let st = copy::write_back(&ram, &t, &opts, Some(&marks), Some(&old)).expect("write-back");
+    assert!(st.deleted > 0, "deletions were written back: {st:?}");
+    assert!(
+        tree_diff(&ram, &t).is_empty(),
+        "the journaled write-back is complete"
+    );
+    snapshot_matches_start(&s, &old, &t, &s.p("ref"), "after the journaled write-back");
+    drop(journal);
+
+    // By ctime since the journaled write-back: other start entries, and kept ones again.
+    let since = copy::Timestamp::now();
+    sh(&format!(
+        "cd '{}'; for i in 3 8 14 27 33; do echo again >> d$i/f1; echo again >> d$i/e/g3; done
+         rm -r d15 d7; rm d12/new; echo back > d6/e",
+        ram.display()
+    ));
+    let by_ctime = CopyOptions {
+        changed_since: Some(since),
+        ..opts
+    };
+    copy::write_back(&ram, &t, &by_ctime, None, Some(&old)).expect("write-back");
+    assert!(
+        tree_diff(&ram, &t).is_empty(),
+        "the write-back by ctime is complete"
+    );
+    snapshot_matches_start(&s, &old, &t, &s.p("ref"), "after the write-back by ctime");
+    // Kept: what changed of the start state (24 + 12 files, 10 + 2 + 1 files deleted, a few
+    // more for the deleted subtrees), not the 240 files of the tree.
+    let kept = walkdir_count(&old, |m| m.is_file());
+    assert!(kept > 30 && kept < 80, "kept {kept} files");
+}

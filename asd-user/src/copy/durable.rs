@@ -115,6 +115,10 @@ impl Engine<'_> {
             failed.extend(k.take_failed());
             warn_not_kept(failed);
         }
+        // The scout warmed what the keeper just looked at; nothing left for it to do.
+        if let Some(s) = self.scout.take() {
+            s.stop();
+        }
         let keeping = keeper.as_ref().is_some_and(|k| k.has_pending());
         // Phase 2: all temporary data durable before any rename.
         if !renames.is_empty() || keeping {

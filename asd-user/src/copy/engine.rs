@@ -147,6 +147,9 @@ pub(super) struct Engine<'a> {
     /// Durable mode into a backup with a start clone: what the write-back replaces or deletes
     /// of the start state is kept there first (see [`super::keep`]).
     pub(super) keeper: Option<super::keep::Keeper>,
+    /// Warms the destination (and the start clone) ahead of an incremental comparison; stopped
+    /// after the walk, or once the keeper is done with the clone.
+    pub(super) scout: Option<Scout>,
 }
 
 /// How a write-back treats the SQLite databases it meets (see [`super::databases`]).
@@ -204,6 +207,7 @@ impl<'a> Engine<'a> {
             }),
             early_deletions: Vec::new(),
             keeper: None,
+            scout: None,
         }
     }
 
@@ -271,9 +275,14 @@ impl<'a> Engine<'a> {
             _ => None,
         };
         // An incremental one looks up few destination entries, but each one cold.
-        let scout = match self.cutoff {
-            Some(c) if self.hook.is_none() => Scout::start(src.as_fd(), dst.as_fd(), c),
-            _ => None,
+        // The keeper looks in the start clone's directories of the same entries next: warmed
+        // too, and the scout stops only once it has (see `durable_phases`).
+        let clone = self.keeper.as_ref().map(|k| k.root());
+        let scout = match (self.cutoff, self.journal) {
+            _ if self.hook.is_some() => None,
+            (Some(c), _) => Scout::start(src.as_fd(), dst.as_fd(), clone, c),
+            (None, Some(marks)) => Scout::start_marked(marks, dst.as_fd(), clone),
+            (None, None) => None,
         };
         let dst = OnceCell::from(dst);
         let node = self.journal.map(|j| j.root());
@@ -284,8 +293,10 @@ impl<'a> Engine<'a> {
         if let Some(p) = prefetch {
             p.stop();
         }
-        if let Some(s) = scout {
-            s.stop();
+        match scout {
+            Some(s) if self.keeper.is_some() => self.scout = Some(s),
+            Some(s) => s.stop(),
+            None => {}
         }
         if root.needs_meta() {
             self.finish_dir(&root, &sm);
@@ -305,6 +316,9 @@ impl<'a> Engine<'a> {
         }
         if let (true, Some(dst)) = (self.opts.durable, dst.get()) {
             self.durable_phases(dst.as_fd())?;
+        }
+        if let Some(s) = self.scout.take() {
+            s.stop();
         }
         if self.policy.chown_denied() > 0 {
             debug!(

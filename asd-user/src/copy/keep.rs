@@ -198,6 +198,11 @@ impl Keeper {
         }))
     }
 
+    /// The clone's root directory.
+    pub(super) fn root(&self) -> BorrowedFd<'_> {
+        self.root.as_fd()
+    }
+
     fn at(&self, rel: &[u8], name: Option<&CStr>) -> PathBuf {
         join_rel(&self.path, rel, name)
     }

@@ -1,14 +1,18 @@
 //! The scout thread and its workers, which warm the destination's metadata ahead of an
-//! incremental comparison: the scout walks the source with the walk's cutoff and queues the
-//! destination lookups the walk will make; the workers make them, many at once. They only read.
+//! incremental comparison: the scout walks the source with the walk's cutoff (or, for a
+//! journaled one, reads the journal's marks) and queues the destination lookups the walk will
+//! make; the workers make them, many at once, and the same lookups in the start clone, which
+//! the keeper makes next (see `super::keep`). They only read.
 
 use std::collections::HashSet;
 use std::ffi::CString;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 
 use rustix::fs::{self as rfs, FileType, Mode};
 
 use crate::fsio::{fstat, list_dir, lstat_at, DIR_FLAGS};
+use crate::journal::{DirtyTree, Node};
 
 use super::engine::Engine;
 use super::helpers::push_rel;
@@ -31,12 +35,26 @@ pub(super) struct Scout {
 struct ScoutShared {
     /// Only opened through (`Engine::open_rel`), never read: it may share the walk's offset.
     dst: OwnedFd,
+    /// The start clone, whose directories of the same entries the keeper looks in next (see
+    /// `super::keep`).
+    clone: Option<OwnedFd>,
     queue: std::sync::Mutex<ScoutQueue>,
     wake: std::sync::Condvar,
     stop: std::sync::atomic::AtomicBool,
 }
 
-type ScoutJob = (Vec<u8>, Vec<CString>, Option<HashSet<CString>>);
+type ScoutJob = (Vec<u8>, Vec<CString>, Listing);
+
+/// What a job does with its destination directory's listing.
+enum Listing {
+    /// Not read: the walk does not list it.
+    No,
+    /// Read, to warm it: the walk lists it, and what it deletes there is marked by the journal
+    /// (and so among the names to lstat).
+    Warm,
+    /// Read, and every name the source lacks (given here) lstat-ed: the walk deletes them.
+    Extras(HashSet<CString>),
+}
 
 #[derive(Default)]
 struct ScoutQueue {
@@ -56,16 +74,12 @@ impl Scout {
     pub(super) fn start(
         src: BorrowedFd<'_>,
         dst: BorrowedFd<'_>,
+        clone: Option<BorrowedFd<'_>>,
         cutoff: Timestamp,
     ) -> Option<Scout> {
         // Its own open file description: a duplicate would share the walk's directory offset.
         let src = rfs::openat(src, c".", DIR_FLAGS, Mode::empty()).ok()?;
-        let shared = std::sync::Arc::new(ScoutShared {
-            dst: dst.try_clone_to_owned().ok()?,
-            queue: std::sync::Mutex::new(ScoutQueue::default()),
-            wake: std::sync::Condvar::new(),
-            stop: std::sync::atomic::AtomicBool::new(false),
-        });
+        let shared = ScoutShared::new(dst, clone)?;
         let mut threads = Vec::with_capacity(SCOUT_WORKERS + 1);
         let sh = shared.clone();
         let scout = std::thread::Builder::new()
@@ -87,6 +101,28 @@ impl Scout {
             })
             .ok()?;
         threads.push(scout);
+        Some(Scout::with_workers(shared, threads))
+    }
+
+    /// Ahead of a journaled comparison: the lookups of what the journal marked, known from the
+    /// start, so there is no scout walking the source.
+    pub(super) fn start_marked(
+        marks: &DirtyTree,
+        dst: BorrowedFd<'_>,
+        clone: Option<BorrowedFd<'_>>,
+    ) -> Option<Scout> {
+        let shared = ScoutShared::new(dst, clone)?;
+        if let Ok(mut q) = shared.queue.lock() {
+            queue_marked(&mut q.jobs, marks.root(), &mut Vec::new());
+            q.walked = true;
+        }
+        Some(Scout::with_workers(shared, Vec::new()))
+    }
+
+    fn with_workers(
+        shared: std::sync::Arc<ScoutShared>,
+        mut threads: Vec<std::thread::JoinHandle<()>>,
+    ) -> Scout {
         for _ in 0..SCOUT_WORKERS {
             let sh = shared.clone();
             if let Ok(t) = std::thread::Builder::new()
@@ -96,7 +132,7 @@ impl Scout {
                 threads.push(t);
             }
         }
-        Some(Scout { shared, threads })
+        Scout { shared, threads }
     }
 
     pub(super) fn stop(self) {
@@ -111,6 +147,19 @@ impl Scout {
 }
 
 impl ScoutShared {
+    fn new(
+        dst: BorrowedFd<'_>,
+        clone: Option<BorrowedFd<'_>>,
+    ) -> Option<std::sync::Arc<ScoutShared>> {
+        Some(std::sync::Arc::new(ScoutShared {
+            dst: dst.try_clone_to_owned().ok()?,
+            clone: clone.and_then(|c| c.try_clone_to_owned().ok()),
+            queue: std::sync::Mutex::new(ScoutQueue::default()),
+            wake: std::sync::Condvar::new(),
+            stop: std::sync::atomic::AtomicBool::new(false),
+        }))
+    }
+
     fn stopped(&self) -> bool {
         self.stop.load(std::sync::atomic::Ordering::Relaxed)
     }
@@ -138,7 +187,10 @@ fn scout_dir(
     };
     let mut lookups = Vec::new();
     let mut subdirs = Vec::new();
-    let listed = changed.then(|| names.iter().cloned().collect::<HashSet<CString>>());
+    let listed = match changed {
+        true => Listing::Extras(names.iter().cloned().collect()),
+        false => Listing::No,
+    };
     for name in names {
         if sh.stopped() {
             return;
@@ -154,7 +206,7 @@ fn scout_dir(
             lookups.push(name);
         }
     }
-    if listed.is_some() || !lookups.is_empty() {
+    if !matches!(listed, Listing::No) || !lookups.is_empty() {
         sh.push((rel.clone(), lookups, listed));
     }
     // Subdirectories after the entries, as the walk takes them.
@@ -166,6 +218,29 @@ fn scout_dir(
         if let Ok(sub) = rfs::openat(dir, &name, DIR_FLAGS, Mode::empty()) {
             scout_dir(sh, sub.as_fd(), rel, new, cutoff, buf);
         }
+        rel.truncate(len);
+    }
+}
+
+/// Queues, for every directory of the journal's tree with marked entries, the lookups of those
+/// entries (and the destination's listing where the journal marked the source's). A subtree
+/// marked whole is compared in full and left to the walk.
+fn queue_marked(jobs: &mut std::collections::VecDeque<ScoutJob>, node: &Node, rel: &mut Vec<u8>) {
+    if node.whole() || !node.has_children() {
+        return;
+    }
+    let names: Vec<CString> = node
+        .children()
+        .filter_map(|(name, _)| CString::new(name.as_bytes()).ok())
+        .collect();
+    let listed = match node.listing() {
+        true => Listing::Warm,
+        false => Listing::No,
+    };
+    jobs.push_back((rel.clone(), names, listed));
+    for (name, child) in node.children() {
+        let len = push_rel(rel, &CString::new(name.as_bytes()).unwrap_or_default());
+        queue_marked(jobs, child, rel);
         rel.truncate(len);
     }
 }
@@ -197,15 +272,32 @@ fn scout_worker(sh: &ScoutShared) {
         let Ok(dir) = Engine::open_rel(sh.dst.as_fd(), &rel) else {
             continue;
         };
-        if let Some(src) = listed {
-            let extra = list_dir(dir.as_fd(), &mut buf).unwrap_or_default();
-            names.extend(extra.into_iter().filter(|n| !src.contains(n)));
+        match listed {
+            Listing::No => {}
+            Listing::Warm => {
+                let _ = list_dir(dir.as_fd(), &mut buf);
+            }
+            Listing::Extras(src) => {
+                let extra = list_dir(dir.as_fd(), &mut buf).unwrap_or_default();
+                names.extend(extra.into_iter().filter(|n| !src.contains(n)));
+            }
         }
-        for name in names {
+        for name in &names {
             if sh.stopped() {
                 return;
             }
-            let _ = lstat_at(dir.as_fd(), &name);
+            let _ = lstat_at(dir.as_fd(), name);
+        }
+        // The keeper then looks for the same names in the clone (most are not there).
+        if let Some(clone) = &sh.clone {
+            if let Ok(kept) = Engine::open_rel(clone.as_fd(), &rel) {
+                for name in &names {
+                    if sh.stopped() {
+                        return;
+                    }
+                    let _ = lstat_at(kept.as_fd(), name);
+                }
+            }
         }
     }
 }
