@@ -71,3 +71,52 @@ PY"#,
         "RAM copy equals the source (data, owner, mode, xattrs, times)"
     );
 }
+
+/// A durable write-back, as the user, of many changed files in directories that are read-only
+/// (the target's own modes): phase 3 renames them many at once (`copy::renames`), and the
+/// result equals the source, modes included.
+#[test]
+fn many_renames_at_once_into_read_only_directories_as_a_user() {
+    if !require_root() {
+        return;
+    }
+    assert!(
+        have("rsync") && have("python3") && have("setpriv"),
+        "rsync, python3 and util-linux are needed: run the README test command"
+    );
+    let (uid, gid) = test_user("asdtest1");
+    let ns = Ns::new();
+    let ram = ns.vol().join("ram");
+    let disk = ns.data().join("disk");
+    ns.sh_ok(&format!(
+        r#"set -e
+        mkdir -p '{r}/ro/deep' '{r}/rw'
+        for i in $(seq 1 120); do echo "start $i" > '{r}/ro/f'$i; echo "start $i" > '{r}/rw/g'$i; done
+        for i in $(seq 1 40); do echo "start $i" > '{r}/ro/deep/h'$i; done
+        chmod 0555 '{r}/ro/deep' '{r}/ro'
+        chown -R {uid}:{gid} '{r}'
+        mkdir '{d}'; chown {uid}:{gid} '{d}'"#,
+        r = ram.display(),
+        d = disk.display()
+    ));
+    let job = serde_json::json!({"Copy": {
+        "src": ram, "dst": disk, "delete": true, "durable": true
+    }});
+    run_job_as(ns.cmd("setpriv"), uid, gid, &job);
+    assert_eq!(ns.tree_diff(&ram, &disk), "", "the first write-back");
+    // Every file changed (root writes through the read-only directories): 280 renames.
+    ns.sh_ok(&format!(
+        "set -e; cd '{r}'; for f in ro/f* rw/g* ro/deep/h*; do echo changed >> $f; done",
+        r = ram.display()
+    ));
+    let text = run_job_as(ns.cmd("setpriv"), uid, gid, &job);
+    assert!(
+        text.contains("\"files_copied\":280,"),
+        "every changed file written back: {text}"
+    );
+    assert_eq!(
+        ns.tree_diff(&ram, &disk),
+        "",
+        "the disk equals the RAM copy (data, owner, modes, times)"
+    );
+}

@@ -5,11 +5,13 @@ use std::ffi::{CStr, CString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use rustix::fs::{self as rfs, Mode};
+use rustix::io::Errno;
 
 use crate::fsio::{crash_point, is_temp_name, remove_entry, remove_tree, Meta, Xattrs, DIR_FLAGS};
 
 use super::engine::Engine;
 use super::helpers::join_rel;
+use super::renames::{rename_batch, PlainRename, MIN_BATCH};
 use super::{cerr, CopyError};
 
 pub(super) struct RenameJob {
@@ -162,13 +164,23 @@ impl Engine<'_> {
             self.stats.deleted += removed;
             self.syncfs_all()?;
         }
-        // Phase 3: renames.
+        // Phase 3: renames. Runs of plain ones many at once (see `super::renames`), exchanges
+        // one at a time, in order.
         let crash_at = crash_point();
-        for (n, job) in renames.iter().enumerate() {
+        let mut n = 0;
+        while n < renames.len() {
+            let plain = renames[n..].iter().take_while(|j| !j.exchange).count();
+            if plain >= MIN_BATCH {
+                self.rename_plain_batch(root, &mut dirs, &renames[n..n + plain], n, crash_at);
+                n += plain;
+                continue;
+            }
+            let job = &renames[n];
             if crash_at == Some(n) {
                 // Fault injection for the crash tests: die like kill -9, mid-rename.
                 std::process::abort();
             }
+            n += 1;
             let Some(dir) = self.deferred_dir(root, &mut dirs, job.dir) else {
                 continue;
             };
@@ -205,6 +217,52 @@ impl Engine<'_> {
         self.apply_dir_jobs(root, &mut dirs);
         drop(dirs);
         self.syncfs_all()
+    }
+
+    /// Phase 3's plain renames of `batch` (the `first`th onwards), many at once: every
+    /// directory opened first, then the renames; a failed one is reported and its temporary
+    /// removed, as one at a time.
+    fn rename_plain_batch(
+        &mut self,
+        root: BorrowedFd<'_>,
+        dirs: &mut [DeferredDir],
+        batch: &[RenameJob],
+        first: usize,
+        crash_at: Option<usize>,
+    ) {
+        for job in batch {
+            // A directory that cannot be opened is reported here; its renames are skipped.
+            let _ = self.deferred_dir(root, dirs, job.dir);
+        }
+        let (jobs, plain): (Vec<&RenameJob>, Vec<PlainRename<'_>>) = batch
+            .iter()
+            .filter_map(|job| {
+                let dir = dirs.get(job.dir)?.fd.as_ref()?.as_fd();
+                Some((
+                    job,
+                    PlainRename {
+                        dir,
+                        from: &job.from,
+                        to: &job.to,
+                    },
+                ))
+            })
+            .unzip();
+        let failed: Vec<(usize, CString, CString, Errno)> = rename_batch(&plain, first, crash_at)
+            .into_iter()
+            .filter_map(|(i, e)| {
+                let job = jobs.get(i)?;
+                Some((job.dir, job.from.clone(), job.to.clone(), e))
+            })
+            .collect();
+        drop(plain);
+        for (i, from, to, e) in failed {
+            if let Some(dir) = self.deferred_dir(root, dirs, i) {
+                let _ = remove_tree(dir, &from, &mut self.dirbuf);
+            }
+            let rel = dirs.get(i).map(|d| d.rel.as_slice()).unwrap_or_default();
+            self.fail(cerr("rename", join_rel(self.dst_root, rel, Some(&to)), e));
+        }
     }
 
     /// Sets the metadata of the directories in `dir_jobs`, in the order they were queued: the

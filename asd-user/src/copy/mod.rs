@@ -59,6 +59,7 @@ mod policy;
 mod pool;
 mod prefetch;
 mod probe;
+mod renames;
 mod scout;
 pub(crate) mod sqlite;
 pub mod start_dirs;
