@@ -22,7 +22,8 @@
 //!    and since Linux 5.8 it reports writeback errors of the whole filesystem (the descriptor we
 //!    call it on was opened before any of our writes, so no error can be missed).
 //! 3. Rename the temporaries over their final names (`RENAME_EXCHANGE` where a directory and a
-//!    non-directory swap places, so the name never disappears).
+//!    non-directory swap places, so the name never disappears; plain renames many at once, see
+//!    the `renames` module).
 //! 4. If anything is to be deleted: `syncfs` again, so the new copies of moved files are durable
 //!    before their old names go away; then delete the destination entries the source lacks.
 //! 5. Fix directory metadata bottom-up (after their children changed, since every rename or
