@@ -929,18 +929,27 @@ impl ChangeJournal {
     }
 }
 
-impl Drop for ChangeJournal {
-    fn drop(&mut self) {
+impl ChangeJournal {
+    /// Stops following events (the reader thread ends); the watches stay until the journal is
+    /// dropped, which removes them, one per directory.
+    pub fn stop_reading(&mut self) {
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
         match rustix::io::write(&*self.stop, &1u64.to_ne_bytes()) {
             Ok(_) => {
-                if let Some(thread) = self.thread.take() {
-                    let _ = thread.join();
-                }
+                let _ = thread.join();
             }
             // Cannot happen (the counter is far from overflowing); never join a thread that
             // was not told to stop.
             Err(e) => tracing::debug!("cannot stop the change journal's thread: {e}"),
         }
+    }
+}
+
+impl Drop for ChangeJournal {
+    fn drop(&mut self) {
+        self.stop_reading();
     }
 }
 
@@ -1041,6 +1050,7 @@ mod tests {
 
     #[test]
     fn journal_nothing_changed() {
+        let _quiet = crate::no_spawns();
         let td = tree();
         let j = ChangeJournal::start(td.path(), 1000).unwrap();
         assert_eq!(j.watched_dirs(), 5);
@@ -1052,6 +1062,7 @@ mod tests {
 
     #[test]
     fn journal_write_append_truncate() {
+        let _quiet = crate::no_spawns();
         check(|r| fs::write(r.join("d/f"), "new").unwrap(), &["d/f E"]);
         check(
             |r| {
@@ -1078,6 +1089,7 @@ mod tests {
 
     #[test]
     fn journal_chmod_and_xattr() {
+        let _quiet = crate::no_spawns();
         check(
             |r| fs::set_permissions(r.join("d/f"), fs::Permissions::from_mode(0o600)).unwrap(),
             &["d/f E"],
@@ -1097,6 +1109,7 @@ mod tests {
 
     #[test]
     fn journal_create_delete_rename_files() {
+        let _quiet = crate::no_spawns();
         check(
             |r| fs::write(r.join("d/new"), "x").unwrap(),
             &["d L", "d/new E"],
@@ -1122,6 +1135,7 @@ mod tests {
 
     #[test]
     fn journal_symlinks_are_entries_never_followed() {
+        let _quiet = crate::no_spawns();
         let (td, j) = check(
             |r| {
                 symlink("f", r.join("d/link")).unwrap();
@@ -1137,6 +1151,7 @@ mod tests {
 
     #[test]
     fn journal_new_nested_directories() {
+        let _quiet = crate::no_spawns();
         let (td, j) = check(
             |r| {
                 fs::create_dir_all(r.join("n/b/c")).unwrap();
@@ -1152,6 +1167,7 @@ mod tests {
 
     #[test]
     fn journal_renamed_directory() {
+        let _quiet = crate::no_spawns();
         let (td, j) = check(
             |r| {
                 fs::rename(r.join("d"), r.join("e")).unwrap();
@@ -1177,6 +1193,7 @@ mod tests {
 
     #[test]
     fn journal_directory_moved_out_and_in() {
+        let _quiet = crate::no_spawns();
         let td = tree();
         let root = td.path().join("root");
         fs::create_dir(&root).unwrap();
@@ -1198,6 +1215,7 @@ mod tests {
 
     #[test]
     fn journal_deleted_directory_tree() {
+        let _quiet = crate::no_spawns();
         let (td, j) = check(
             |r| fs::remove_dir_all(r.join("d")).unwrap(),
             &[". L", "d E"],
@@ -1210,6 +1228,7 @@ mod tests {
 
     #[test]
     fn journal_hard_links_are_in_doubt() {
+        let _quiet = crate::no_spawns();
         let td = tree();
         let j = ChangeJournal::start(td.path(), 1000).unwrap();
         // A new link: the other name's directory hears nothing of it.
@@ -1231,6 +1250,7 @@ mod tests {
 
     #[test]
     fn journal_limit() {
+        let _quiet = crate::no_spawns();
         let td = tree();
         let j = ChangeJournal::start(td.path(), 4).unwrap();
         for i in 0..5 {
@@ -1244,6 +1264,7 @@ mod tests {
 
     #[test]
     fn journal_queue_overflow() {
+        let _quiet = crate::no_spawns();
         let max: usize = fs::read_to_string("/proc/sys/fs/inotify/max_queued_events")
             .ok()
             .and_then(|s| s.trim().parse().ok())
@@ -1275,6 +1296,7 @@ mod tests {
 
     #[test]
     fn journal_synthetic_overflow() {
+        let _quiet = crate::no_spawns();
         let td = tree();
         let j = ChangeJournal::start(td.path(), 1000).unwrap();
         fs::write(td.path().join("d/f"), "x").unwrap();
@@ -1292,6 +1314,7 @@ mod tests {
 
     #[test]
     fn journal_root_deleted_is_in_doubt_for_good() {
+        let _quiet = crate::no_spawns();
         let td = tree();
         let root = td.path().join("d");
         let j = ChangeJournal::start(&root, 1000).unwrap();
@@ -1304,6 +1327,7 @@ mod tests {
 
     #[test]
     fn journal_start_errors() {
+        let _quiet = crate::no_spawns();
         let td = tree();
         let err = ChangeJournal::start(&td.path().join("missing"), 10).unwrap_err();
         assert!(matches!(err, JournalError::Watch { .. }), "{err}");
@@ -1317,6 +1341,7 @@ mod tests {
     #[test]
     #[ignore]
     fn journal_scale() {
+        let _quiet = crate::no_spawns();
         let td = tempfile::tempdir().unwrap();
         for d in 0..2000 {
             let dir = td.path().join(format!("{}/{d}", d % 20));
@@ -1340,6 +1365,7 @@ mod tests {
 
     #[test]
     fn dirty_tree_marks_and_serde() {
+        let _quiet = crate::no_spawns();
         let mut t = DirtyTree::new();
         t.mark_entry(Path::new("a/\u{e9}"));
         t.mark_listing(Path::new("a"));

@@ -99,6 +99,13 @@ impl Journals {
         }
     }
 
+    /// Every journal stops following events (see [`ChangeJournal::stop_reading`]).
+    pub fn stop_reading(&self) {
+        for w in self.by_target.borrow_mut().values_mut() {
+            w.journal.stop_reading();
+        }
+    }
+
     /// The target left RAM: its journal goes, returned to be dropped where the caller likes
     /// (closing it removes one watch per directory, which takes a while in a big tree).
     pub fn forget(&self, t: &TargetState) -> Option<ChangeJournal> {

@@ -28,3 +28,24 @@ pub mod sleep;
 pub mod snapshot;
 pub mod state;
 pub mod style;
+
+/// Lib tests only. A child process holds a copy of every descriptor its parent had open at the
+/// fork until its exec closes them: a file another test thread was writing at that instant is
+/// closed then, a late close event in that test's change journal. Tests that start processes
+/// hold this for reading ([`spawning`]), the journal's tests for writing ([`no_spawns`]).
+#[cfg(test)]
+static SPAWNS: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+#[cfg(test)]
+pub(crate) fn spawning() -> std::sync::RwLockReadGuard<'static, ()> {
+    SPAWNS
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+pub(crate) fn no_spawns() -> std::sync::RwLockWriteGuard<'static, ()> {
+    SPAWNS
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}

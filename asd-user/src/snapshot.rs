@@ -641,6 +641,7 @@ mod tests {
     }
 
     fn have(prog: &str) -> bool {
+        let _spawn = crate::spawning();
         Command::new(prog)
             .arg("--version")
             .output()
@@ -672,12 +673,15 @@ mod tests {
         for args in [&["--zstd", "-xf"][..], &["-xf"][..]] {
             let x = t.path().join(format!("x{}", args.len()));
             fs::create_dir(&x).unwrap();
-            let st = Command::new("tar")
-                .args(args)
-                .arg(&out)
-                .current_dir(&x)
-                .status()
-                .unwrap();
+            let st = {
+                let _spawn = crate::spawning();
+                Command::new("tar")
+                    .args(args)
+                    .arg(&out)
+                    .current_dir(&x)
+                    .status()
+                    .unwrap()
+            };
             assert!(st.success());
             let mut diffs = Vec::new();
             tree_diff(&src, &x.join("target"), &mut diffs);
@@ -687,11 +691,14 @@ mod tests {
                 ino(&x.join("target/file")),
                 ino(&x.join("target/nested/hardlink"))
             );
-            let rsync = Command::new("rsync")
-                .args(["-aXn", "--delete", "--itemize-changes", "--modify-window=1"])
-                .arg(format!("{}/", src.display()))
-                .arg(format!("{}/", x.join("target").display()))
-                .output();
+            let rsync = {
+                let _spawn = crate::spawning();
+                Command::new("rsync")
+                    .args(["-aXn", "--delete", "--itemize-changes", "--modify-window=1"])
+                    .arg(format!("{}/", src.display()))
+                    .arg(format!("{}/", x.join("target").display()))
+                    .output()
+            };
             match rsync {
                 Ok(o) => {
                     assert!(o.status.success());

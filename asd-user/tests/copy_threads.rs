@@ -73,10 +73,11 @@ PY"#,
 }
 
 /// A durable write-back, as the user, of many changed files in directories that are read-only
-/// (the target's own modes): phase 3 renames them many at once (`copy::renames`), and the
-/// result equals the source, modes included.
+/// (the target's own modes): the walk opens them up to write the temporaries, phase 3 renames
+/// those many at once (`copy::renames`), phase 5 restores the modes; the result equals the
+/// source, modes included.
 #[test]
-fn many_renames_at_once_into_read_only_directories_as_a_user() {
+fn many_renames_at_once_in_read_only_directories_as_a_user() {
     if !require_root() {
         return;
     }

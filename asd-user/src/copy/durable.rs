@@ -36,6 +36,13 @@ pub(super) struct DirJob {
     pub(super) created: bool,
 }
 
+/// Whether no two renames of `jobs` put something at the same name (an overlay's upper layer
+/// can get two for one name): those keep their order, one at a time.
+fn distinct(jobs: &[RenameJob]) -> bool {
+    let mut seen = std::collections::HashSet::with_capacity(jobs.len());
+    jobs.iter().all(|j| seen.insert((j.dir, j.to.as_c_str())))
+}
+
 /// Start entries that could not be kept (see `super::keep`): said, never fatal.
 fn warn_not_kept(failed: Vec<CopyError>) {
     for e in failed {
@@ -170,7 +177,7 @@ impl Engine<'_> {
         let mut n = 0;
         while n < renames.len() {
             let plain = renames[n..].iter().take_while(|j| !j.exchange).count();
-            if plain >= MIN_BATCH {
+            if plain >= MIN_BATCH && distinct(&renames[n..n + plain]) {
                 self.rename_plain_batch(root, &mut dirs, &renames[n..n + plain], n, crash_at);
                 n += plain;
                 continue;
@@ -230,6 +237,12 @@ impl Engine<'_> {
         first: usize,
         crash_at: Option<usize>,
     ) {
+        // Fault injection for the crash tests: exactly the renames before the crash point are
+        // done, then die like kill -9.
+        let crash = crash_at
+            .and_then(|c| c.checked_sub(first))
+            .filter(|c| *c < batch.len());
+        let batch = &batch[..crash.unwrap_or(batch.len())];
         for job in batch {
             // A directory that cannot be opened is reported here; its renames are skipped.
             let _ = self.deferred_dir(root, dirs, job.dir);
@@ -248,7 +261,7 @@ impl Engine<'_> {
                 ))
             })
             .unzip();
-        let failed: Vec<(usize, CString, CString, Errno)> = rename_batch(&plain, first, crash_at)
+        let failed: Vec<(usize, CString, CString, Errno)> = rename_batch(&plain)
             .into_iter()
             .filter_map(|(i, e)| {
                 let job = jobs.get(i)?;
@@ -262,6 +275,9 @@ impl Engine<'_> {
             }
             let rel = dirs.get(i).map(|d| d.rel.as_slice()).unwrap_or_default();
             self.fail(cerr("rename", join_rel(self.dst_root, rel, Some(&to)), e));
+        }
+        if crash.is_some() {
+            std::process::abort();
         }
     }
 

@@ -101,7 +101,7 @@ impl Scout {
             })
             .ok()?;
         threads.push(scout);
-        Some(Scout::with_workers(shared, threads))
+        Some(Scout::with_workers(shared, threads, SCOUT_WORKERS))
     }
 
     /// Ahead of a journaled comparison: the lookups of what the journal marked, known from the
@@ -112,18 +112,22 @@ impl Scout {
         clone: Option<BorrowedFd<'_>>,
     ) -> Option<Scout> {
         let shared = ScoutShared::new(dst, clone)?;
+        let mut jobs = std::collections::VecDeque::new();
+        queue_marked(&mut jobs, marks.root(), &mut Vec::new());
+        let workers = SCOUT_WORKERS.min(jobs.len());
         if let Ok(mut q) = shared.queue.lock() {
-            queue_marked(&mut q.jobs, marks.root(), &mut Vec::new());
+            q.jobs = jobs;
             q.walked = true;
         }
-        Some(Scout::with_workers(shared, Vec::new()))
+        Some(Scout::with_workers(shared, Vec::new(), workers))
     }
 
     fn with_workers(
         shared: std::sync::Arc<ScoutShared>,
         mut threads: Vec<std::thread::JoinHandle<()>>,
+        workers: usize,
     ) -> Scout {
-        for _ in 0..SCOUT_WORKERS {
+        for _ in 0..workers {
             let sh = shared.clone();
             if let Ok(t) = std::thread::Builder::new()
                 .name("asd-copy-prefetch".into())
@@ -135,12 +139,21 @@ impl Scout {
         Scout { shared, threads }
     }
 
+    /// Stops the threads (a lookup in flight finishes first) and waits for them.
     pub(super) fn stop(self) {
+        drop(self);
+    }
+}
+
+/// Also on the way out of a failed or panicking write-back: no thread outlives it holding
+/// descriptors of the destination or the clone.
+impl Drop for Scout {
+    fn drop(&mut self) {
         self.shared
             .stop
             .store(true, std::sync::atomic::Ordering::Relaxed);
         self.shared.wake.notify_all();
-        for t in self.threads {
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }
@@ -226,7 +239,7 @@ fn scout_dir(
 /// entries (and the destination's listing where the journal marked the source's). A subtree
 /// marked whole is compared in full and left to the walk.
 fn queue_marked(jobs: &mut std::collections::VecDeque<ScoutJob>, node: &Node, rel: &mut Vec<u8>) {
-    if node.whole() || !node.has_children() {
+    if node.whole() || !(node.has_children() || node.listing()) {
         return;
     }
     let names: Vec<CString> = node

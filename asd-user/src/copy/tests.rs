@@ -107,6 +107,7 @@ fn make_tree(root: &Path) {
 
 /// rsync's view of the difference (empty = equal). None when rsync is missing.
 fn rsync_diff(src: &Path, dst: &Path) -> Option<String> {
+    let _spawn = crate::spawning();
     let out = Command::new("rsync")
         .arg("-aXn")
         .arg("--delete")
@@ -726,6 +727,7 @@ fn tree_size_matches_du() {
     make_tree(t.path());
     fs::hard_link(t.path().join("big"), t.path().join("big2")).unwrap();
     let ours = tree_size(t.path()).unwrap();
+    let _spawn = crate::spawning();
     match Command::new("du").arg("-sb").arg(t.path()).output() {
         Ok(o) if o.status.success() => {
             let s = String::from_utf8_lossy(&o.stdout);

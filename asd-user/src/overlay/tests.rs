@@ -27,6 +27,7 @@ fn root() -> bool {
 }
 
 fn sh(script: &str) {
+    let _spawn = crate::spawning();
     let out = Command::new("sh")
         .args(["-euc", script])
         .output()
@@ -57,6 +58,7 @@ fn opaque(p: &Path) {
 
 /// `rsync -aXn --delete --itemize-changes a/ b/`: empty when equal.
 fn diff(a: &Path, b: &Path) -> String {
+    let _spawn = crate::spawning();
     let out = Command::new("rsync")
         .args(["-aXn", "--delete", "--itemize-changes"])
         .arg(format!("{}/", a.display()))
@@ -478,6 +480,7 @@ fn child_entry() {
 /// stopped.
 fn persist_crashing_at(w: &World, at: usize) -> bool {
     let exe = std::env::current_exe().expect("current_exe");
+    let _spawn = crate::spawning();
     let status = Command::new(exe)
         .args(["overlay::tests::child_entry", "--exact", "--test-threads=1"])
         .env(
