@@ -9,6 +9,7 @@
 #   bench/copy-mode.sh [FILES] [TOTAL_MB]        (default 20000 files, ~300 MB; env READERS=16)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/daemon-log.sh
 export PATH="$HOME/.cargo/bin:/root/.cargo/bin:$PATH"
 FILES=${1:-20000}
 TOTAL_MB=${2:-300}
@@ -121,17 +122,9 @@ ASD6_WHOLE=$(python3 -c "print(f'{$ASD6_UNSYNC + $ASD6_CLEANUP:.3f}')")
 # logged), another 1% change, then SIGTERM, timed to the exit, with a cold cache.
 DLOG="$W/daemon.log"
 cold; ASD_LOG=info "$ASD" daemon 2>"$DLOG" & DPID=$!
-wait_log() {  # $1: pattern, $2: count
-  for _ in $(seq 1 1200); do
-    [ "$(grep -c "$1" "$DLOG" || true)" -ge "$2" ] && return 0
-    kill -0 "$DPID" 2>/dev/null || { cat "$DLOG" >&2; exit 1; }
-    sleep 0.05
-  done
-  echo "daemon: timed out waiting for '$1'" >&2; cat "$DLOG" >&2; exit 1
-}
-wait_log "target(s) in RAM" 1
-kill -USR1 "$DPID"; wait_log "resync done in" 1
-change_one_percent "$W/t"; cold; kill -USR1 "$DPID"; wait_log "resync done in" 2
+wait_log "$DLOG" "$DPID" "target(s) in RAM" 1
+kill -USR1 "$DPID"; wait_log "$DLOG" "$DPID" "resync done in" 1
+change_one_percent "$W/t"; cold; kill -USR1 "$DPID"; wait_log "$DLOG" "$DPID" "resync done in" 2
 D_RESYNC=$(grep "resync done in" "$DLOG" | sed -n 2p | sed 's/.*done in \([0-9.]*\) s.*/\1/')
 change_one_percent "$W/t"; echo "written at the end" > "$W/t/last-change"; cold
 t0=$(now); kill -TERM "$DPID"; wait "$DPID"; t1=$(now); D_STOP=$(secs "$t0" "$t1")

@@ -10,6 +10,7 @@
 #   bench/scale.sh [FILES] [TOTAL_MB]        (default 200000 files, ~1024 MB)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/daemon-log.sh
 export PATH="$HOME/.cargo/bin:/root/.cargo/bin:$PATH"
 FILES=${1:-200000}
 TOTAL_MB=${2:-1024}
@@ -108,19 +109,11 @@ run_daemon() {  # $1: copy|overlay, $2 $3: rounds of changes
   local log="$W/daemon.log" pid n
   cold
   ASD_LOG=info "$ASD" daemon 2>"$log" & pid=$!
-  wait_log() {  # $1: pattern, $2: count
-    for _ in $(seq 1 600); do
-      [ "$(grep -c "$1" "$log" || true)" -ge "$2" ] && return 0
-      kill -0 "$pid" 2>/dev/null || { cat "$log" >&2; exit 1; }
-      sleep 0.1
-    done
-    echo "daemon: timed out waiting for '$1'" >&2; cat "$log" >&2; exit 1
-  }
-  wait_log "target(s) in RAM" 1
-  kill -USR1 "$pid"; wait_log "resync done in" 1
-  change10 "$1"; kill -USR1 "$pid"; wait_log "resync done in" 2
+  wait_log "$log" "$pid" "target(s) in RAM" 1
+  kill -USR1 "$pid"; wait_log "$log" "$pid" "resync done in" 1
+  change10 "$1"; kill -USR1 "$pid"; wait_log "$log" "$pid" "resync done in" 2
   D[$m,r10]=$(grep "resync done in" "$log" | sed -n 2p | sed 's/.*done in \([0-9.]*\) s.*/\1/')
-  change10 "$2"; kill -USR1 "$pid"; wait_log "resync done in" 3
+  change10 "$2"; kill -USR1 "$pid"; wait_log "$log" "$pid" "resync done in" 3
   D[$m,r10b]=$(grep "resync done in" "$log" | sed -n 3p | sed 's/.*done in \([0-9.]*\) s.*/\1/')
   D[$m,rss]=$(awk '/VmHWM/ { printf "%.1f", $2 / 1024 }' "/proc/$pid/status")
   local t0 t1; t0=$(date +%s.%N); kill -TERM "$pid"; wait "$pid"; t1=$(date +%s.%N)

@@ -6,17 +6,24 @@
 mod common;
 use common::*;
 
-#[test]
-fn copy_threads_fill_read_only_directories_as_a_user() {
+/// The test user's ids and a private namespace to work in, as root (else the test is skipped).
+fn as_a_user() -> Option<(u32, u32, Ns)> {
     if !require_root() {
-        return;
+        return None;
     }
     assert!(
         have("rsync") && have("python3") && have("setpriv"),
         "rsync, python3 and util-linux are needed: run the README test command"
     );
     let (uid, gid) = test_user("asdtest1");
-    let ns = Ns::new();
+    Some((uid, gid, Ns::new()))
+}
+
+#[test]
+fn copy_threads_fill_read_only_directories_as_a_user() {
+    let Some((uid, gid, ns)) = as_a_user() else {
+        return;
+    };
     let src = ns.data().join("src");
     let dst = ns.vol().join("dst");
     // More files than the threads' queue holds, spread over directories, some read-only.
@@ -78,15 +85,9 @@ PY"#,
 /// source, modes included.
 #[test]
 fn many_renames_at_once_in_read_only_directories_as_a_user() {
-    if !require_root() {
+    let Some((uid, gid, ns)) = as_a_user() else {
         return;
-    }
-    assert!(
-        have("rsync") && have("python3") && have("setpriv"),
-        "rsync, python3 and util-linux are needed: run the README test command"
-    );
-    let (uid, gid) = test_user("asdtest1");
-    let ns = Ns::new();
+    };
     let ram = ns.vol().join("ram");
     let disk = ns.data().join("disk");
     ns.sh_ok(&format!(
