@@ -25,6 +25,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+mod common;
+use common::rsync_itemize;
+
 use asd::overlay::{apply, layers, persist, remove_temp_entries, OverlayError};
 
 const TEMP_PREFIX: &str = asd::copy::TEMP_PREFIX;
@@ -380,25 +383,9 @@ fn walk(root: &Path) -> Vec<PathBuf> {
     out
 }
 
-fn rsync(args: &[&str], a: &Path, b: &Path) -> String {
-    let out = Command::new("rsync")
-        .args(args)
-        .args(["-n", "--delete", "--itemize-changes"])
-        .arg(format!("{}/", a.display()))
-        .arg(format!("{}/", b.display()))
-        .output()
-        .expect("rsync");
-    assert!(
-        out.status.success(),
-        "rsync failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// Exact equality: types, content, times (ns), modes, owners, user xattrs.
 fn assert_same(a: &Path, b: &Path) {
-    let d = rsync(&["-aX"], a, b);
+    let d = rsync_itemize("-aXn", a, b);
     assert!(
         d.is_empty(),
         "{} and {} differ:\n{d}",
@@ -409,7 +396,7 @@ fn assert_same(a: &Path, b: &Path) {
 
 /// Equality but for times (the plain copy got its changes at other moments).
 fn assert_same_but_times(a: &Path, b: &Path) {
-    let d = rsync(&["-rlpgoDXc"], a, b);
+    let d = rsync_itemize("-rlpgoDXcn", a, b);
     assert!(
         d.is_empty(),
         "{} and {} differ:\n{d}",
@@ -599,7 +586,7 @@ fn unprivileged_owner_persists_and_applies() {
     assert!(is_whiteout(&base.join("delete.txt")));
     // The upper's whiteouts belong to root (overlayfs makes them with the mounter's
     // credentials); the copies are the owner's, otherwise the same.
-    let d = rsync(&["-rlptDXc"], &ns.inside(&ns.upper()), &base);
+    let d = rsync_itemize("-rlptDXcn", &ns.inside(&ns.upper()), &base);
     assert!(d.is_empty(), "upper and changes differ:\n{d}");
 
     // A second round: persist now adds a delta (whiteouts too, as the owner).
@@ -880,8 +867,8 @@ fn persist_killed_midway_leaves_the_old_or_the_new_state() {
             restore(start, &c);
             let killed = crash_child(child("persist", &upper, &c), crash);
             let got = view(&c, "view-got");
-            let is_old = rsync(&["-aX"], &old, &got).is_empty();
-            let is_new = rsync(&["-aX"], &ns.snapshot(), &got).is_empty();
+            let is_old = rsync_itemize("-aXn", &old, &got).is_empty();
+            let is_new = rsync_itemize("-aXn", &ns.snapshot(), &got).is_empty();
             let left = leftovers_at.iter().any(|p| p.exists());
             eprintln!(
                 "{what}: after a crash {crash:?}: killed={killed} old={is_old} new={is_new} \
