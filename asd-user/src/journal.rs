@@ -118,6 +118,11 @@ pub struct Node {
     listing: bool,
     #[serde(default, skip_serializing_if = "is_false")]
     whole: bool,
+    /// With `listing`: every destination name the source lacks is deleted, not only the names
+    /// marked below (a scan of ctimes, see `crate::copy`, knows a directory changed but not
+    /// which names went).
+    #[serde(default, skip_serializing_if = "is_false")]
+    all_extras: bool,
     /// Keyed by name bytes; serialized as a map from hexadecimal names (names need not be UTF-8).
     #[serde(
         default,
@@ -145,6 +150,12 @@ impl Node {
     /// This whole subtree is to be compared.
     pub fn whole(&self) -> bool {
         self.whole
+    }
+
+    /// Its listing is compared with every destination name the source lacks deleted, marked
+    /// or not.
+    pub fn all_extras(&self) -> bool {
+        self.all_extras
     }
 
     /// Any of the three marks is set.
@@ -183,6 +194,8 @@ impl Node {
 enum Mark {
     Entry,
     Listing,
+    /// A listing whose extra destination names are all deleted.
+    ListingAll,
     Whole,
     /// The entry was deleted or renamed away: compare the entry (it is gone, or something new
     /// took its place, which is marked by its own event); what was marked below it is moot.
@@ -274,6 +287,12 @@ impl DirtyTree {
         let _ = self.mark(rel, Mark::Listing, usize::MAX);
     }
 
+    /// Marks the listing of the directory at `rel` to be compared, every destination name the
+    /// source lacks deleted.
+    pub fn mark_listing_all(&mut self, rel: &Path) {
+        let _ = self.mark(rel, Mark::ListingAll, usize::MAX);
+    }
+
     /// Marks the whole subtree at `rel` to be compared (drops the marks below it).
     pub fn mark_whole(&mut self, rel: &Path) {
         let _ = self.mark(rel, Mark::Whole, usize::MAX);
@@ -314,6 +333,10 @@ impl DirtyTree {
         let new = match how {
             Mark::Entry => !std::mem::replace(&mut node.entry, true),
             Mark::Listing => !std::mem::replace(&mut node.listing, true),
+            Mark::ListingAll => {
+                let listing = !std::mem::replace(&mut node.listing, true);
+                !std::mem::replace(&mut node.all_extras, true) || listing
+            }
             Mark::Whole | Mark::Gone => {
                 let (below, dirty_below) = node.count_below();
                 node.children.clear();
@@ -323,10 +346,12 @@ impl DirtyTree {
                     // Canonical: a whole node has no other mark.
                     node.entry = false;
                     node.listing = false;
+                    node.all_extras = false;
                     node.whole = true;
                     true
                 } else {
                     node.listing = false;
+                    node.all_extras = false;
                     !std::mem::replace(&mut node.entry, true)
                 }
             }

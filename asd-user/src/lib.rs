@@ -28,6 +28,7 @@ pub mod sleep;
 pub mod snapshot;
 pub mod state;
 pub mod style;
+pub(crate) mod treequeue;
 
 /// Lib tests only. A child process holds a copy of every descriptor its parent had open at the
 /// fork until its exec closes them: a file another test thread was writing at that instant is

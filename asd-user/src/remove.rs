@@ -22,12 +22,13 @@
 use std::ffi::CStr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::{Condvar, Mutex};
+use std::sync::Mutex;
 
 use rustix::fs::{self as rfs, AtFlags, Mode, OFlags};
 use rustix::io::Errno;
 
 use crate::fsio::{self, fstat, list_dir, open_dir_at, remove_tree};
+use crate::treequeue::TreeQueue;
 
 /// Threads deleting on a disk. On a cold disk more unlinks in flight finish sooner (each reads
 /// an inode); beyond this a 20,000-file clone gained nothing here (4: 0.29 s, 16: 0.27 s,
@@ -109,30 +110,18 @@ fn threads_for(dir: BorrowedFd<'_>) -> usize {
 
 const TMPFS_MAGIC: rustix::fs::FsWord = 0x0102_1994;
 
-struct Queue {
-    dirs: Vec<OwnedFd>,
-    /// Threads emptying a directory right now.
-    busy: usize,
-    removed: u64,
-    failed: Option<Errno>,
-}
-
 struct Shared {
-    queue: Mutex<Queue>,
-    wake: Condvar,
+    queue: TreeQueue<OwnedFd>,
+    /// Entries removed, and the first error (which stops the others).
+    result: Mutex<(u64, Option<Errno>)>,
 }
 
 /// Phase 1: every non-directory below `root` unlinked, by up to [`DISK_THREADS`] threads.
 fn unlink_files(root: OwnedFd, path: &Path) -> Result<u64, RemoveError> {
     let threads = threads_for(root.as_fd());
     let shared = Shared {
-        queue: Mutex::new(Queue {
-            dirs: vec![root],
-            busy: 0,
-            removed: 0,
-            failed: None,
-        }),
-        wake: Condvar::new(),
+        queue: TreeQueue::new(vec![root]),
+        result: Mutex::new((0, None)),
     };
     std::thread::scope(|s| {
         let mut started = 0;
@@ -150,56 +139,38 @@ fn unlink_files(root: OwnedFd, path: &Path) -> Result<u64, RemoveError> {
             worker(&shared);
         }
     });
-    let q = shared
-        .queue
+    let (removed, failed) = shared
+        .result
         .into_inner()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    match q.failed {
+    match failed {
         Some(e) => Err(err(path, e)),
-        None => Ok(q.removed),
+        None => Ok(removed),
     }
 }
 
 fn worker(sh: &Shared) {
     let mut buf = Vec::new();
-    loop {
-        let dir = {
-            let Ok(mut q) = sh.queue.lock() else {
-                return;
-            };
-            loop {
-                if q.failed.is_some() {
-                    sh.wake.notify_all();
-                    return;
-                }
-                if let Some(d) = q.dirs.pop() {
-                    q.busy += 1;
-                    break d;
-                }
-                if q.busy == 0 {
-                    sh.wake.notify_all();
-                    return;
-                }
-                q = match sh.wake.wait(q) {
-                    Ok(q) => q,
-                    Err(_) => return,
-                };
-            }
-        };
+    while let Some(dir) = sh.queue.take() {
         let mut found = Vec::new();
         let result = empty_files(dir.as_fd(), &mut buf, &mut found, sh);
-        let Ok(mut q) = sh.queue.lock() else {
-            return;
-        };
-        q.busy -= 1;
-        match result {
-            Ok(n) => q.removed += n,
-            Err(e) => {
-                q.failed.get_or_insert(e);
+        let failed = {
+            let mut r = sh
+                .result
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match result {
+                Ok(n) => r.0 += n,
+                Err(e) => {
+                    r.1.get_or_insert(e);
+                }
             }
+            r.1.is_some()
+        };
+        sh.queue.done(found);
+        if failed {
+            sh.queue.stop();
         }
-        q.dirs.extend(found);
-        sh.wake.notify_all();
     }
 }
 
@@ -236,7 +207,7 @@ fn subdir(
     found: &mut Vec<OwnedFd>,
     sh: &Shared,
 ) -> rustix::io::Result<u64> {
-    let queued = sh.queue.lock().map(|q| q.dirs.len()).unwrap_or(MAX_QUEUED);
+    let queued = sh.queue.queued();
     if queued + found.len() >= MAX_QUEUED {
         return remove_tree(dir, name, buf);
     }

@@ -3,6 +3,7 @@
 //! temporary names, opening destination directories on first use, deferring work).
 
 use std::cell::{Cell, OnceCell};
+use std::collections::{HashMap, HashSet};
 use std::ffi::{CStr, CString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -133,6 +134,9 @@ pub(super) struct Engine<'a> {
     pub(super) hook: Option<&'a mut dyn FnMut(&Path)>,
     /// Only what this journal marked is compared (see [`super::sync_tree_journaled`]).
     pub(super) journal: Option<&'a DirtyTree>,
+    /// With marks from a scan (see [`super::scan`]): the names the scan saw in each directory
+    /// whose listing it marked.
+    pub(super) scanned: Option<&'a HashMap<Vec<u8>, HashSet<CString>>>,
     /// `CopyOptions::changed_since` minus the margin, unless ignored: source entries with an
     /// older ctime are unchanged.
     pub(super) cutoff: Option<Timestamp>,
@@ -160,6 +164,28 @@ pub(super) struct Databases {
     /// The destination is an upper layer: a database's companions there are whiteouts (hiding
     /// the lower layer's) rather than absent.
     pub(super) layer: bool,
+}
+
+/// The ctime from which source entries count as changed since `since` (the time a write-back
+/// began): `margin` milliseconds earlier, for the coarse clock inodes are stamped with. None
+/// if the clock is earlier than `since` now (set back): then everything is compared.
+pub(super) fn cutoff(since: Timestamp, margin: i64) -> Option<Timestamp> {
+    let since = since.normalized();
+    let now = Timestamp::now();
+    if now < since {
+        debug!(
+            ?since,
+            ?now,
+            "the clock is earlier than the last sync: comparing everything"
+        );
+        return None;
+    }
+    let ns = i128::from(since.sec) * 1_000_000_000 + i128::from(since.nsec)
+        - i128::from(margin) * 1_000_000;
+    Some(Timestamp {
+        sec: ns.div_euclid(1_000_000_000) as i64,
+        nsec: ns.rem_euclid(1_000_000_000) as i64,
+    })
 }
 
 impl<'a> Engine<'a> {
@@ -198,6 +224,7 @@ impl<'a> Engine<'a> {
             dirbuf: Vec::new(),
             hook,
             journal: None,
+            scanned: None,
             cutoff: None,
             margin: CTIME_MARGIN_MS,
             // Only write-backs: the disk side is never live.
@@ -243,24 +270,7 @@ impl<'a> Engine<'a> {
         }
         // With a journal its marks decide, and what they mark is compared in full.
         let since = self.opts.changed_since.filter(|_| self.journal.is_none());
-        self.cutoff = since.and_then(|since| {
-            let since = since.normalized();
-            let now = Timestamp::now();
-            if now < since {
-                debug!(
-                    ?since,
-                    ?now,
-                    "the clock is earlier than the last sync: comparing everything"
-                );
-                return None;
-            }
-            let ns = i128::from(since.sec) * 1_000_000_000 + i128::from(since.nsec)
-                - i128::from(self.margin) * 1_000_000;
-            Some(Timestamp {
-                sec: ns.div_euclid(1_000_000_000) as i64,
-                nsec: ns.rem_euclid(1_000_000_000) as i64,
-            })
-        });
+        self.cutoff = since.and_then(|since| cutoff(since, self.margin));
         // Only for a full comparison: an incremental one looks at few destination entries.
         // Into RAM (not durable) the source is the disk side whose metadata is cold; the other
         // way round the destination is.
@@ -281,7 +291,7 @@ impl<'a> Engine<'a> {
         let scout = match (self.cutoff, self.journal) {
             _ if self.hook.is_some() => None,
             (Some(c), _) => Scout::start(src.as_fd(), dst.as_fd(), clone, c),
-            (None, Some(marks)) => Scout::start_marked(marks, dst.as_fd(), clone),
+            (None, Some(marks)) => Scout::start_marked(marks, src.as_fd(), dst.as_fd(), clone),
             (None, None) => None,
         };
         let dst = OnceCell::from(dst);

@@ -40,9 +40,10 @@
 //! (by their ctime) are compared, and destination directories are opened and listed only where
 //! the source changed: an unchanged subtree costs no destination I/O. A full comparison instead
 //! lstats every destination entry, which with a cold cache waits on the disk; prefetch
-//! threads keep several of those reads in flight ahead of the walk. An incremental one has a
-//! scout thread find the changed entries in the source ahead of the walk, and threads look
-//! their destination counterparts up meanwhile.
+//! threads keep several of those reads in flight ahead of the walk. An incremental one first
+//! scans the source's ctimes with several threads ([`scan`]) and walks only what that marked,
+//! as for a change journal's marks, while scout threads look the marked entries'
+//! destination counterparts up ahead of the walk.
 //!
 //! Errors on single entries do not stop the walk (one unreadable file must not keep every other
 //! file from being written back): they are logged, and the first one is returned at the end.
@@ -61,6 +62,7 @@ mod pool;
 mod prefetch;
 mod probe;
 mod renames;
+mod scan;
 mod scout;
 pub(crate) mod sqlite;
 pub mod start_dirs;
@@ -220,7 +222,22 @@ fn cerr(op: &'static str, path: PathBuf, e: impl Into<std::io::Error>) -> CopyEr
 
 /// Make `dst` (an existing directory) equal to `src`.
 pub fn sync_tree(src: &Path, dst: &Path, opts: &CopyOptions) -> Result<CopyStats, CopyError> {
-    Engine::new(src, dst, opts, None).run()
+    let scanned = scan_changes(src, opts);
+    let mut engine = Engine::new(src, dst, opts, None);
+    engine.journal = scanned.as_ref().map(|s| &s.marks);
+    engine.scanned = scanned.as_ref().map(|s| &s.listed);
+    engine.run()
+}
+
+/// For a comparison by ctime ([`CopyOptions::changed_since`]): what changed, as marks for the
+/// walk, found by a scan of the source with several threads (see [`scan`]). None where the
+/// walk compares everything, or compares by ctime itself.
+fn scan_changes(src: &Path, opts: &CopyOptions) -> Option<scan::Scanned> {
+    let cutoff = engine::cutoff(opts.changed_since?, CTIME_MARGIN_MS)?;
+    let scanned = scan::changed_since(src, cutoff)?;
+    let marked = scanned.marks.len();
+    tracing::debug!(marked, "changes since the last write-back, by ctime");
+    Some(scanned)
 }
 
 /// [`sync_tree`] of a pair that was equal when `changes` (a change journal's period, see
@@ -250,8 +267,10 @@ pub fn write_back(
     changes: Option<&DirtyTree>,
     start_clone: Option<&Path>,
 ) -> Result<CopyStats, CopyError> {
+    let scanned = changes.is_none().then(|| scan_changes(src, opts)).flatten();
     let mut engine = Engine::new(src, dst, opts, None);
-    engine.journal = changes;
+    engine.journal = changes.or(scanned.as_ref().map(|s| &s.marks));
+    engine.scanned = scanned.as_ref().map(|s| &s.listed);
     if let (Some(clone), true) = (start_clone, opts.durable) {
         engine.keeper = keep::Keeper::open(clone, std::sync::Arc::clone(&engine.policy))?;
     }
@@ -291,15 +310,26 @@ fn sync_tree_with_hook(
     Engine::new(src, dst, opts, Some(hook)).run()
 }
 
-/// [`sync_tree`] with a ctime margin of `margin` milliseconds instead of [`CTIME_MARGIN_MS`].
+/// [`sync_tree`] with a ctime margin of `margin` milliseconds instead of [`CTIME_MARGIN_MS`];
+/// with `scan`, the changes are found by a [`scan`] as `sync_tree` does, without, by the walk
+/// itself (where a scan is not possible).
 #[cfg(test)]
 fn sync_tree_with_margin(
     src: &Path,
     dst: &Path,
     opts: &CopyOptions,
     margin: i64,
+    scan: bool,
 ) -> Result<CopyStats, CopyError> {
+    let scanned = opts
+        .changed_since
+        .filter(|_| scan)
+        .and_then(|since| engine::cutoff(since, margin))
+        .and_then(|cutoff| scan::changed_since(src, cutoff));
+    assert_eq!(scanned.is_some(), scan && opts.changed_since.is_some());
     let mut engine = Engine::new(src, dst, opts, None);
     engine.margin = margin;
+    engine.journal = scanned.as_ref().map(|s| &s.marks);
+    engine.scanned = scanned.as_ref().map(|s| &s.listed);
     engine.run()
 }

@@ -7,6 +7,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use rustix::fs::FileType;
 
 use crate::fsio::lstat_at;
+use crate::treequeue::TreeQueue;
 
 use super::engine::Engine;
 use super::helpers::{list_dir_typed, push_rel};
@@ -25,27 +26,16 @@ pub(super) struct Prefetch {
 
 struct PrefetchShared {
     root: OwnedFd,
-    queue: std::sync::Mutex<PrefetchQueue>,
-    wake: std::sync::Condvar,
-    stop: std::sync::atomic::AtomicBool,
-}
-
-struct PrefetchQueue {
     /// Directories still to read, relative to the root.
-    dirs: Vec<Vec<u8>>,
-    /// Directories being read.
-    busy: usize,
+    queue: TreeQueue<Vec<u8>>,
+    stop: std::sync::atomic::AtomicBool,
 }
 
 impl Prefetch {
     pub(super) fn start(root: BorrowedFd<'_>, threads: usize) -> Option<Prefetch> {
         let shared = std::sync::Arc::new(PrefetchShared {
             root: root.try_clone_to_owned().ok()?,
-            queue: std::sync::Mutex::new(PrefetchQueue {
-                dirs: vec![Vec::new()],
-                busy: 0,
-            }),
-            wake: std::sync::Condvar::new(),
+            queue: TreeQueue::new(vec![Vec::new()]),
             stop: std::sync::atomic::AtomicBool::new(false),
         });
         let threads = (0..threads)
@@ -74,7 +64,7 @@ impl Prefetch {
         self.shared
             .stop
             .store(true, std::sync::atomic::Ordering::Relaxed);
-        self.shared.wake.notify_all();
+        self.shared.queue.stop();
         for t in self.threads {
             let _ = t.join();
         }
@@ -92,30 +82,7 @@ const PREFETCH_COLD_ENTRY: std::time::Duration = std::time::Duration::from_nanos
 fn prefetch_worker(sh: &PrefetchShared) {
     use std::sync::atomic::Ordering::Relaxed;
     let mut buf = Vec::new();
-    loop {
-        let rel = {
-            let Ok(mut q) = sh.queue.lock() else {
-                return;
-            };
-            loop {
-                if sh.stop.load(Relaxed) {
-                    return;
-                }
-                if let Some(rel) = q.dirs.pop() {
-                    q.busy += 1;
-                    break rel;
-                }
-                if q.busy == 0 {
-                    // Everything read.
-                    sh.wake.notify_all();
-                    return;
-                }
-                q = match sh.wake.wait(q) {
-                    Ok(q) => q,
-                    Err(_) => return,
-                };
-            }
-        };
+    while let Some(rel) = sh.queue.take() {
         let mut found = Vec::new();
         // Errors do not matter here: the walk meets them again and reports them.
         let started = std::time::Instant::now();
@@ -148,12 +115,7 @@ fn prefetch_worker(sh: &PrefetchShared) {
                 }
             }
         }
-        let Ok(mut q) = sh.queue.lock() else {
-            return;
-        };
-        q.busy -= 1;
-        // Popped in listing order, the order the walk takes, so that it stays ahead.
-        q.dirs.extend(found.into_iter().rev());
-        sh.wake.notify_all();
+        // Taken in listing order, the order the walk takes, so that it stays ahead.
+        sh.queue.done(found.into_iter().rev());
     }
 }

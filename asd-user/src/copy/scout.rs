@@ -35,6 +35,8 @@ pub(super) struct Scout {
 struct ScoutShared {
     /// Only opened through (`Engine::open_rel`), never read: it may share the walk's offset.
     dst: OwnedFd,
+    /// The source, likewise, for [`Listing::ExtrasOfSource`].
+    src: Option<OwnedFd>,
     /// The start clone, whose directories of the same entries the keeper looks in next (see
     /// `super::keep`).
     clone: Option<OwnedFd>,
@@ -54,6 +56,9 @@ enum Listing {
     Warm,
     /// Read, and every name the source lacks (given here) lstat-ed: the walk deletes them.
     Extras(HashSet<CString>),
+    /// The same, the source's names read from the source's directory (marks from a scan name
+    /// no deleted entries, see `super::scan`).
+    ExtrasOfSource,
 }
 
 #[derive(Default)]
@@ -79,7 +84,7 @@ impl Scout {
     ) -> Option<Scout> {
         // Its own open file description: a duplicate would share the walk's directory offset.
         let src = rfs::openat(src, c".", DIR_FLAGS, Mode::empty()).ok()?;
-        let shared = ScoutShared::new(dst, clone)?;
+        let shared = ScoutShared::new(dst, clone, None)?;
         let mut threads = Vec::with_capacity(SCOUT_WORKERS + 1);
         let sh = shared.clone();
         let scout = std::thread::Builder::new()
@@ -104,14 +109,15 @@ impl Scout {
         Some(Scout::with_workers(shared, threads, SCOUT_WORKERS))
     }
 
-    /// Ahead of a journaled comparison: the lookups of what the journal marked, known from the
-    /// start, so there is no scout walking the source.
+    /// Ahead of a journaled comparison (or one marked by a scan): the lookups of what the
+    /// journal marked, known from the start, so there is no scout walking the source.
     pub(super) fn start_marked(
         marks: &DirtyTree,
+        src: BorrowedFd<'_>,
         dst: BorrowedFd<'_>,
         clone: Option<BorrowedFd<'_>>,
     ) -> Option<Scout> {
-        let shared = ScoutShared::new(dst, clone)?;
+        let shared = ScoutShared::new(dst, clone, Some(src))?;
         let mut jobs = std::collections::VecDeque::new();
         queue_marked(&mut jobs, marks.root(), &mut Vec::new());
         let workers = SCOUT_WORKERS.min(jobs.len());
@@ -163,9 +169,11 @@ impl ScoutShared {
     fn new(
         dst: BorrowedFd<'_>,
         clone: Option<BorrowedFd<'_>>,
+        src: Option<BorrowedFd<'_>>,
     ) -> Option<std::sync::Arc<ScoutShared>> {
         Some(std::sync::Arc::new(ScoutShared {
             dst: dst.try_clone_to_owned().ok()?,
+            src: src.and_then(|s| s.try_clone_to_owned().ok()),
             clone: clone.and_then(|c| c.try_clone_to_owned().ok()),
             queue: std::sync::Mutex::new(ScoutQueue::default()),
             wake: std::sync::Condvar::new(),
@@ -246,9 +254,10 @@ fn queue_marked(jobs: &mut std::collections::VecDeque<ScoutJob>, node: &Node, re
         .children()
         .filter_map(|(name, _)| CString::new(name.as_bytes()).ok())
         .collect();
-    let listed = match node.listing() {
-        true => Listing::Warm,
-        false => Listing::No,
+    let listed = match (node.listing(), node.all_extras()) {
+        (true, true) => Listing::ExtrasOfSource,
+        (true, false) => Listing::Warm,
+        (false, _) => Listing::No,
     };
     jobs.push_back((rel.clone(), names, listed));
     for (name, child) in node.children() {
@@ -291,6 +300,18 @@ fn scout_worker(sh: &ScoutShared) {
                 let _ = list_dir(dir.as_fd(), &mut buf);
             }
             Listing::Extras(src) => {
+                let extra = list_dir(dir.as_fd(), &mut buf).unwrap_or_default();
+                names.extend(extra.into_iter().filter(|n| !src.contains(n)));
+            }
+            Listing::ExtrasOfSource => {
+                let src: HashSet<CString> = sh
+                    .src
+                    .as_ref()
+                    .and_then(|s| Engine::open_rel(s.as_fd(), &rel).ok())
+                    .and_then(|d| list_dir(d.as_fd(), &mut buf).ok())
+                    .unwrap_or_default()
+                    .into_iter()
+                    .collect();
                 let extra = list_dir(dir.as_fd(), &mut buf).unwrap_or_default();
                 names.extend(extra.into_iter().filter(|n| !src.contains(n)));
             }

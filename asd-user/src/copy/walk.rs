@@ -87,9 +87,17 @@ impl Engine<'_> {
         // Likewise only the extra destination names the journal marked (deleted or renamed
         // away in its period) are deleted: one that left the source after the period ended is
         // deleted by the next write-back, after its new place was written (by this one if it
-        // arrived in time, by the next otherwise).
+        // arrived in time, by the next otherwise). Marks from a scan of ctimes (see
+        // `super::scan`) name no deleted entries: there an extra name goes if the scan did not
+        // see it either (one it saw left meanwhile, and goes with the next write-back).
         if let Some(l) = listing.as_mut() {
-            l.retain(|name, _| marked(name));
+            match d.node.filter(|n| n.all_extras()) {
+                Some(_) => {
+                    let seen = self.scanned.and_then(|s| s.get(&self.src_rel));
+                    l.retain(|name, _| seen.is_some_and(|s| !s.contains(name)));
+                }
+                None => l.retain(|name, _| marked(name)),
+            }
         }
         let mut probes = self.probe_all(d, entries);
         // Changed entries of a directory whose destination is not open yet: open it now (they
