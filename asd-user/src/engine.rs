@@ -424,6 +424,7 @@ impl Engine<'_> {
             nsops::rename(&p.old_partial, &p.old).map_err(|e| target_err(&p.target, e))?;
         }
         progress::phase("copying into RAM");
+        let mut recorded_at = None;
         match t.mode {
             Mode::Copy => {
                 owner::run(
@@ -436,10 +437,12 @@ impl Engine<'_> {
                         since: None,
                         marks: None,
                         start_clone: None,
+                        dir_ids: None,
                     },
                     None,
                 )
                 .map_err(oe)?;
+                recorded_at = self.record_dir_ids(t);
             }
             Mode::Overlay => {
                 if !nsops::exists(&p.changes) {
@@ -475,14 +478,34 @@ impl Engine<'_> {
                 self.mounter.mount_overlay(t).map_err(te)?
             }
         }
-        let copied_at =
-            (t.mode == Mode::Copy).then(|| (crate::copy::Timestamp::now(), ClockMark::now()));
+        let copied_at = (t.mode == Mode::Copy).then(|| {
+            let at = recorded_at.unwrap_or_else(crate::copy::Timestamp::now);
+            (at, ClockMark::now())
+        });
         // Once more, without waiting: a program that started using the target meanwhile
         // would write underneath the cover (the caller undoes everything on this error).
         holders::wait_until_unused(&p.target, Duration::ZERO)
             .map_err(|e| target_err(&p.target, e))?;
         self.mounter.cover(t).map_err(te)?;
         Ok(copied_at)
+    }
+
+    /// Records where the directories of `t`'s RAM copy are, just filled (see
+    /// `copy::record_dir_ids`); returns the time its first write-back compares changes from.
+    /// None if that failed: then the first write-back compares every changed directory whole.
+    fn record_dir_ids(&self, t: &TargetState) -> Option<crate::copy::Timestamp> {
+        let job = Job::RecordDirIds {
+            root: t.paths.volatile.clone(),
+            file: t.paths.dir_ids(),
+        };
+        match owner::run(&t.owner, &job, None) {
+            Ok(Output::Time(at)) => Some(at),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!("{}: {e}", t.paths.target.display());
+                None
+            }
+        }
     }
 
     /// Take apart a half-built sync of `t` whose original was never written.
@@ -502,13 +525,17 @@ impl Engine<'_> {
     ///
     /// A daemon with a ready change journal for `t` looks only at what it marked, unless
     /// `since` is `None` (see [`crate::journals`]).
+    ///
+    /// `clean_at`: the time the write-back is counted clean from if it succeeds (the next
+    /// one's `since`), taken before it began.
     fn write_back(
         &self,
         t: &TargetState,
         dst: &Path,
         since: Option<crate::copy::Timestamp>,
+        clean_at: crate::copy::Timestamp,
     ) -> Result<CopyStats, EngineError> {
-        self.write_back_journaled(self.journals.as_ref(), t, dst, since)
+        self.write_back_journaled(self.journals.as_ref(), t, dst, since, clean_at)
     }
 
     /// [`Engine::write_back`] with the change journals in `journals`.
@@ -518,6 +545,7 @@ impl Engine<'_> {
         t: &TargetState,
         dst: &Path,
         since: Option<crate::copy::Timestamp>,
+        clean_at: crate::copy::Timestamp,
     ) -> Result<CopyStats, EngineError> {
         let marks = journals
             .and_then(|j| j.before_write_back(t))
@@ -529,7 +557,7 @@ impl Engine<'_> {
                 m.len()
             );
         }
-        let result = self.write_back_with(t, dst, since, marks);
+        let result = self.write_back_with(t, dst, since, marks, clean_at);
         if let Some(j) = journals {
             j.after_write_back(t, result.is_ok());
         }
@@ -542,6 +570,7 @@ impl Engine<'_> {
         dst: &Path,
         since: Option<crate::copy::Timestamp>,
         marks: Option<crate::journal::DirtyTree>,
+        clean_at: crate::copy::Timestamp,
     ) -> Result<CopyStats, EngineError> {
         let p = &t.paths;
         let job = match t.mode {
@@ -554,6 +583,10 @@ impl Engine<'_> {
                 marks,
                 // What the write-back changes of the start state is kept there first.
                 start_clone: nsops::exists(&p.old).then(|| p.old.clone()),
+                dir_ids: Some(crate::copy::DirIdsFile {
+                    path: p.dir_ids(),
+                    clean_at,
+                }),
             },
             Mode::Overlay => Job::Persist {
                 upper: p.upper.clone(),
@@ -590,7 +623,7 @@ impl Engine<'_> {
             let started = crate::copy::Timestamp::now();
             let clock = ClockMark::now();
             let since = incremental_since(t);
-            match self.write_back(t, &t.paths.backup, since) {
+            match self.write_back(t, &t.paths.backup, since, started) {
                 Ok(s) => {
                     t.clean_since = Some(started);
                     t.clean_clock = clock;
@@ -675,7 +708,7 @@ impl Engine<'_> {
         let began = std::time::Instant::now();
         let _progress = progress::task("unsync", &p.target);
         progress::phase("writing back");
-        self.write_back_journaled(journals, t, &p.backup, incremental_since(t))?;
+        self.write_back_journaled(journals, t, &p.backup, incremental_since(t), started)?;
         // Read-only for the last pass is a safeguard, not a requirement (an older helper may not
         // know how): without it the last pass runs all the same.
         // A failed freeze may still have taken effect (e.g. the helper froze but could not
@@ -694,10 +727,18 @@ impl Engine<'_> {
         // written there would go into the RAM copy deleted below: such a target stays in RAM.
         progress::phase("last write-back");
         let last = self
-            // Not frozen, programs may write until the cover goes: compare by ctime, which
-            // sees what was written up to the moment the walk reaches it, not only up to the
-            // journal's last period.
-            .write_back_journaled(journals.filter(|_| frozen), t, &p.backup, Some(started))
+            // Not frozen, programs may write until the cover goes: compare by ctime (a scan,
+            // see `copy::write_back`), which sees what was written up to the moment the scan
+            // reaches it, not only up to the journal's last period. What changes after that
+            // (a name deleted from a directory already scanned, or changed during the scan, see
+            // `copy::scan`) stays as it was on disk: without a frozen cover no pass is last.
+            .write_back_journaled(
+                journals.filter(|_| frozen),
+                t,
+                &p.backup,
+                Some(started),
+                crate::copy::Timestamp::now(),
+            )
             .and_then(|_| {
                 holders::refuse_copies_elsewhere(&p.target).map_err(|e| target_err(&p.target, e))
             })

@@ -40,6 +40,16 @@ pub enum Job {
         /// start state is kept there first (see `copy::write_back`).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         start_clone: Option<PathBuf>,
+        /// Where the directories' identities are recorded between write-backs (see
+        /// `copy::write_back`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        dir_ids: Option<copy::DirIdsFile>,
+    },
+    /// Record where the directories of the RAM copy `root` are, in `file`; returns the time
+    /// the next write-back compares changes from (see `copy::record_dir_ids`).
+    RecordDirIds {
+        root: PathBuf,
+        file: PathBuf,
     },
     /// Give `dst` (a directory) the mode, times and user xattrs of `src`: the overlay's upper
     /// root decides what the merged root looks like.
@@ -109,6 +119,7 @@ pub enum Output {
     Bytes(u64),
     Count(u64),
     Paths(Vec<PathBuf>),
+    Time(Timestamp),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -305,6 +316,7 @@ fn execute(job: &Job, fd: Option<OwnedFd>) -> Result<Output, String> {
             since,
             marks,
             start_clone,
+            dir_ids,
         } => {
             let opts = CopyOptions {
                 delete: *delete,
@@ -313,10 +325,20 @@ fn execute(job: &Job, fd: Option<OwnedFd>) -> Result<Output, String> {
             };
             // Into RAM (not durable) every byte is written: the bytes have a total too.
             let _counting = crate::progress::begin_copy(src, !*durable);
-            copy::write_back(src, dst, &opts, marks.as_ref(), start_clone.as_deref())
-                .map(Output::Stats)
-                .map_err(|x| e(&x))
+            copy::write_back(
+                src,
+                dst,
+                &opts,
+                marks.as_ref(),
+                start_clone.as_deref(),
+                dir_ids.as_ref(),
+            )
+            .map(Output::Stats)
+            .map_err(|x| e(&x))
         }
+        Job::RecordDirIds { root, file } => copy::record_dir_ids(root, file)
+            .map(Output::Time)
+            .map_err(|x| e(&x)),
         Job::MatchDirMeta { src, dst } => match_dir_meta(src, dst).map(|_| Output::Done),
         Job::Clone { src, dst } => copy::start_clone(src, dst)
             .map(Output::Stats)
@@ -357,6 +379,13 @@ fn execute(job: &Job, fd: Option<OwnedFd>) -> Result<Output, String> {
 
 /// Remove the contents of `path` without following symlinks (remove_dir_all does not follow them).
 fn discard(path: &std::path::Path) -> Result<(), String> {
+    // The record of where the copy's directories are goes with it (see `copy::write_back`).
+    let ids = crate::paths::dir_ids_of(path);
+    if let Err(x) = std::fs::remove_file(&ids) {
+        if x.kind() != std::io::ErrorKind::NotFound {
+            return Err(format!("remove {}: {x}", ids.display()));
+        }
+    }
     let trash = crate::paths::trash(path);
     remove_tree(&trash)?;
     match std::fs::rename(path, &trash) {

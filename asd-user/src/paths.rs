@@ -59,6 +59,11 @@ pub fn trash(path: &Path) -> PathBuf {
     with_suffix(path, ".asd-trash")
 }
 
+/// The record of where a RAM copy's directories are (see [`TargetPaths::dir_ids`]).
+pub fn dir_ids_of(volatile: &Path) -> PathBuf {
+    with_suffix(volatile, ".asd-dirs")
+}
+
 /// Joins an absolute path below `base` (`/tmp/asd-u` + `/p/name` → `/tmp/asd-u/p/name`).
 pub fn nest(base: &Path, absolute: &Path) -> PathBuf {
     let rel = absolute.strip_prefix("/").unwrap_or(absolute);
@@ -114,6 +119,12 @@ impl TargetPaths {
     /// switches `current` and its next version inside it.
     pub fn changes_state(&self) -> PathBuf {
         self.changes.join("current")
+    }
+
+    /// Copy mode: where the RAM copy's directories are, recorded by each write-back for the
+    /// next (see `copy::write_back`); in RAM, next to the copy, and removed with it.
+    pub fn dir_ids(&self) -> PathBuf {
+        dir_ids_of(&self.volatile)
     }
 
     /// The target's parent directory.

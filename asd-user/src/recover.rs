@@ -231,6 +231,7 @@ pub fn recover(
                 // The snapshot holds the start state by now; should a later attempt not find
                 // it and take another, the clone still has what this write-back replaces.
                 start_clone: nsops::exists(&p.old).then(|| p.old.clone()),
+                dir_ids: None,
             },
             None,
         )?;

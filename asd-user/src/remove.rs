@@ -167,10 +167,11 @@ fn worker(sh: &Shared) {
             }
             r.1.is_some()
         };
-        sh.queue.done(found);
+        // Stopped first, so that no thread takes one more directory after an error.
         if failed {
             sh.queue.stop();
         }
+        sh.queue.done(found);
     }
 }
 

@@ -64,7 +64,9 @@ impl<J> TreeQueue<J> {
     /// Ends a job taken, queueing the jobs found in it (taken last first).
     pub(crate) fn done(&self, found: impl IntoIterator<Item = J>) {
         let mut s = self.lock();
-        s.busy -= 1;
+        // Never below zero, even if called once too often (a bug): no panic under the lock.
+        debug_assert!(s.busy > 0, "done() without take()");
+        s.busy = s.busy.saturating_sub(1);
         s.jobs.extend(found);
         self.wake.notify_all();
     }

@@ -391,3 +391,68 @@ impl Drop for KillOnDrop {
         }
     }
 }
+
+/// Two directories swapped by renames keep their files' ctimes and names: by ctime alone none
+/// of their files changed. A one-off resync and unsync must still write each file under its
+/// new name (the sync and every write-back record where each directory is, see
+/// `copy::write_back`). The files differ in size, so that rsync's quick check sees it too.
+#[test]
+fn swapped_directories_are_written_back_under_their_new_names() {
+    let Some(World {
+        ns,
+        target,
+        expected,
+        ..
+    }) = World::new("")
+    else {
+        return;
+    };
+    ns.sh_ok(&format!(
+        "cd '{}'; mkdir -p sa/deep sb/deep; for i in 1 2 3; do
+           echo a$i > sa/f$i; echo bb$i > sb/f$i; echo A$i > sa/deep/g$i; echo BBB$i > sb/deep/g$i; done",
+        target.display()
+    ));
+    ns.asd_ok(&["sync"]);
+    let p = asd::paths::TargetPaths::new(&target, "root", &ns.vol()).expect("paths");
+    assert!(
+        ns.sh(&format!("test -f '{}'", p.dir_ids().display()))
+            .status
+            .success(),
+        "the sync recorded where each directory is"
+    );
+    settle();
+    ns.sh_ok(&format!(
+        "cd '{}'; mv sa tmp; mv sb sa; mv tmp sb",
+        target.display()
+    ));
+    ns.asd_ok(&["resync"]);
+    assert_eq!(
+        ns.tree_diff(&p.volatile, &p.backup),
+        "",
+        "after resync the disk equals RAM"
+    );
+    assert_eq!(
+        ns.sh_ok(&format!("cat '{}/sa/f1'", p.backup.display()))
+            .trim(),
+        "bb1"
+    );
+    // Deeper down, swapped again, and written back by the unsync.
+    settle();
+    ns.sh_ok(&format!(
+        "cd '{}'; mv sa/deep tmp; mv sb/deep sa/deep; mv tmp sb/deep",
+        target.display()
+    ));
+    copy_of_target(&ns, &target, &expected);
+    ns.asd_ok(&["unsync"]);
+    assert_eq!(
+        ns.tree_diff(&target, &expected),
+        "",
+        "the disk holds what the target showed before unsync"
+    );
+    assert!(
+        !ns.sh(&format!("test -e '{}'", p.dir_ids().display()))
+            .status
+            .success(),
+        "the record went with the RAM copy"
+    );
+}

@@ -43,7 +43,9 @@
 //! threads keep several of those reads in flight ahead of the walk. An incremental one first
 //! scans the source's ctimes with several threads ([`scan`]) and walks only what that marked,
 //! as for a change journal's marks, while scout threads look the marked entries'
-//! destination counterparts up ahead of the walk.
+//! destination counterparts up ahead of the walk. A directory moved since the last write-back
+//! is compared whole: a record of where each directory was ([`dirids`]) tells it apart. A
+//! comparison by ctime that cannot scan compares everything.
 //!
 //! Errors on single entries do not stop the walk (one unreadable file must not keep every other
 //! file from being written back): they are logged, and the first one is returned at the end.
@@ -51,6 +53,7 @@
 
 mod clone;
 mod databases;
+mod dirids;
 mod durable;
 mod engine;
 mod file;
@@ -84,6 +87,7 @@ use crate::journal::DirtyTree;
 use engine::Engine;
 
 pub use clone::{hardlink_clone, start_clone};
+pub use dirids::DirIdsFile;
 pub use tree::{find_hardlinked_files, remove_temp_files, tree_size};
 
 /// Prefix of temporary files the engine creates; crash recovery removes leftovers with this prefix.
@@ -117,8 +121,9 @@ pub struct CopyOptions {
     /// subtracted to absorb the coarse clock the kernel stamps inodes with.
     ///
     /// The trade-off: a change made to the *destination* behind the engine's back, under a name
-    /// whose source did not change, is not seen (nor repaired). asd therefore uses a full
-    /// comparison (`None`) at unsync and for the first resync after a start.
+    /// whose source did not change, is not seen (nor repaired). asd therefore runs a full
+    /// comparison (`None`) at least once a day, and whenever the last write-back's time is in
+    /// doubt (see `incremental_since` in the engine).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub changed_since: Option<Timestamp>,
 }
@@ -221,8 +226,12 @@ fn cerr(op: &'static str, path: PathBuf, e: impl Into<std::io::Error>) -> CopyEr
 }
 
 /// Make `dst` (an existing directory) equal to `src`.
+///
+/// With `changed_since`, no directory's identity is known (see [`dirids`]): every changed
+/// directory is compared whole.
 pub fn sync_tree(src: &Path, dst: &Path, opts: &CopyOptions) -> Result<CopyStats, CopyError> {
-    let scanned = scan_changes(src, opts);
+    let scanned = scan_changes(src, opts, None);
+    let opts = &without_scan_full(opts, scanned.as_ref());
     let mut engine = Engine::new(src, dst, opts, None);
     engine.journal = scanned.as_ref().map(|s| &s.marks);
     engine.scanned = scanned.as_ref().map(|s| &s.listed);
@@ -232,9 +241,24 @@ pub fn sync_tree(src: &Path, dst: &Path, opts: &CopyOptions) -> Result<CopyStats
 /// For a comparison by ctime ([`CopyOptions::changed_since`]): what changed, as marks for the
 /// walk, found by a scan of the source with several threads (see [`scan`]). None where the
 /// walk compares everything, or compares by ctime itself.
-fn scan_changes(src: &Path, opts: &CopyOptions) -> Option<scan::Scanned> {
+/// A comparison by ctime that could not scan (the root could not be opened, or a scan thread
+/// panicked) compares everything: the walk's own comparison by ctime cannot tell a moved
+/// directory (see [`dirids`]).
+fn without_scan_full(opts: &CopyOptions, scanned: Option<&scan::Scanned>) -> CopyOptions {
+    CopyOptions {
+        changed_since: opts.changed_since.filter(|_| scanned.is_some()),
+        ..*opts
+    }
+}
+
+/// `known`: the directories' identities as of `changed_since` (see [`dirids`]).
+fn scan_changes(
+    src: &Path,
+    opts: &CopyOptions,
+    known: Option<&std::collections::HashSet<u64>>,
+) -> Option<scan::Scanned> {
     let cutoff = engine::cutoff(opts.changed_since?, CTIME_MARGIN_MS)?;
-    let scanned = scan::changed_since(src, cutoff)?;
+    let scanned = scan::changed_since(src, cutoff, known)?;
     let marked = scanned.marks.len();
     tracing::debug!(marked, "changes since the last write-back, by ctime");
     Some(scanned)
@@ -260,21 +284,74 @@ pub fn sync_tree_journaled(
 /// with `start_clone` (the target's `-old`, see [`keep`]) first keeps there every entry of the
 /// start state it replaces or deletes. Durable mode only; the clone must be on the destination's
 /// filesystem.
+///
+/// With `dir_ids`, a comparison by ctime knows which directories moved since the last
+/// write-back from the record left there by that one, and this one leaves a record for the
+/// next if it succeeds (see [`dirids`]).
 pub fn write_back(
     src: &Path,
     dst: &Path,
     opts: &CopyOptions,
     changes: Option<&DirtyTree>,
     start_clone: Option<&Path>,
+    dir_ids: Option<&DirIdsFile>,
 ) -> Result<CopyStats, CopyError> {
-    let scanned = changes.is_none().then(|| scan_changes(src, opts)).flatten();
+    let known = dir_ids
+        .zip(opts.changed_since)
+        .and_then(|(f, since)| dirids::load(&f.path, since));
+    // Removed before anything is written: if this write-back fails, the record would describe
+    // neither the last one nor this one.
+    if let Some(f) = dir_ids {
+        dirids::forget(&f.path).map_err(|e| cerr("remove", f.path.clone(), e))?;
+    }
+    let scanned = changes
+        .is_none()
+        .then(|| scan_changes(src, opts, known.as_ref()))
+        .flatten();
+    let opts = &match changes {
+        Some(_) => *opts,
+        None => without_scan_full(opts, scanned.as_ref()),
+    };
+    // A full comparison takes the record before it begins, as a scan does.
+    let full_ids = (dir_ids.is_some() && changes.is_none() && opts.changed_since.is_none())
+        .then(|| scan::dir_ids(src))
+        .flatten();
     let mut engine = Engine::new(src, dst, opts, None);
     engine.journal = changes.or(scanned.as_ref().map(|s| &s.marks));
     engine.scanned = scanned.as_ref().map(|s| &s.listed);
     if let (Some(clone), true) = (start_clone, opts.durable) {
         engine.keeper = keep::Keeper::open(clone, std::sync::Arc::clone(&engine.policy))?;
     }
-    engine.run()
+    let stats = engine.run()?;
+    // A source entry gone during the walk may be a directory that moved away and back: where
+    // it was not visited, what changed in it was not written. The next write-back then trusts
+    // no identity and compares every changed directory whole.
+    let ids = full_ids.or_else(|| scanned.and_then(|s| s.ids));
+    if let (Some(f), Some(ids), 0) = (dir_ids, ids, stats.vanished) {
+        if let Err(e) = dirids::save(&f.path, f.clean_at, &ids) {
+            tracing::warn!(
+                "{}: {e} (the next write-back compares more)",
+                f.path.display()
+            );
+        }
+    }
+    Ok(stats)
+}
+
+/// Records where every directory of the RAM copy at `root` is (see [`dirids`]), for the first
+/// write-back after it was filled, and returns the time that write-back is to count changes
+/// from: taken after the record, so that a directory moved after it was recorded has a ctime
+/// that is not older.
+pub fn record_dir_ids(root: &Path, file: &Path) -> Result<Timestamp, CopyError> {
+    let ids = scan::dir_ids(root);
+    let at = Timestamp::now();
+    match ids {
+        Some(ids) => {
+            dirids::save(file, at, &ids).map_err(|e| cerr("write", file.to_path_buf(), e))?
+        }
+        None => dirids::forget(file).map_err(|e| cerr("remove", file.to_path_buf(), e))?,
+    }
+    Ok(at)
 }
 
 /// [`sync_tree`] into an overlay's upper layer (`dst`) from another one (`src`): the same,
@@ -311,8 +388,9 @@ fn sync_tree_with_hook(
 }
 
 /// [`sync_tree`] with a ctime margin of `margin` milliseconds instead of [`CTIME_MARGIN_MS`];
-/// with `scan`, the changes are found by a [`scan`] as `sync_tree` does, without, by the walk
-/// itself (where a scan is not possible).
+/// with `scan`, the changes are found by a [`scan`] as `sync_tree` does (`known`: the
+/// directories' identities, see [`dirids`]), without, by the walk itself (where a scan is not
+/// possible).
 #[cfg(test)]
 fn sync_tree_with_margin(
     src: &Path,
@@ -320,12 +398,13 @@ fn sync_tree_with_margin(
     opts: &CopyOptions,
     margin: i64,
     scan: bool,
+    known: Option<&std::collections::HashSet<u64>>,
 ) -> Result<CopyStats, CopyError> {
     let scanned = opts
         .changed_since
         .filter(|_| scan)
         .and_then(|since| engine::cutoff(since, margin))
-        .and_then(|cutoff| scan::changed_since(src, cutoff));
+        .and_then(|cutoff| scan::changed_since(src, cutoff, known));
     assert_eq!(scanned.is_some(), scan && opts.changed_since.is_some());
     let mut engine = Engine::new(src, dst, opts, None);
     engine.margin = margin;

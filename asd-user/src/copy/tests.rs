@@ -593,6 +593,7 @@ fn since(opts: &CopyOptions, t: Timestamp) -> CopyOptions {
 fn changed_since_finds_every_change() {
     for (opts, scan) in [(fast(), true), (durable(), true), (durable(), false)] {
         let (_t, src, dst, t0) = synced_pair(&opts);
+        let ids = scan::dir_ids(&src).unwrap();
         // Data, in a directory that is itself unchanged, deep below unchanged ones.
         write(&src.join("small"), b"HELLO\n");
         write(&src.join("u1/u2/f1"), b"new size and data");
@@ -620,8 +621,11 @@ fn changed_since_finds_every_change() {
         // A big unchanged directory with a few changed entries.
         write(&src.join("many2/m7"), b"changed m7");
         chmod(&src.join("many2/m8"), 0o640);
+        // Names deleted within the clock tick the scan starts in are left to the next
+        // write-back (see `scan`): this one is to find every change.
+        std::thread::sleep(std::time::Duration::from_millis(30));
 
-        let st = sync_tree_with_margin(&src, &dst, &since(&opts, t0), 0, scan).unwrap();
+        let st = sync_tree_with_margin(&src, &dst, &since(&opts, t0), 0, scan, Some(&ids)).unwrap();
         assert_same(&src, &dst);
         no_temps(&dst);
         // The walk by ctime looks at every entry and finds most unchanged; after a scan it
@@ -650,6 +654,7 @@ fn changed_since_finds_every_change() {
 fn changed_since_does_not_look_at_unchanged_entries() {
     for (opts, scan) in [(fast(), true), (durable(), true), (durable(), false)] {
         let (_t, src, dst, t0) = synced_pair(&opts);
+        let ids = scan::dir_ids(&src).unwrap();
         // Behind the engine's back, under names whose source did not change: in unchanged
         // directories, and in one that changes (the root).
         write(&dst.join("a/private"), b"tampered");
@@ -660,7 +665,7 @@ fn changed_since_does_not_look_at_unchanged_entries() {
         write(&src.join("newfile"), b"new");
         write(&src.join("a/exec"), b"#!/bin/sh\nexit 0\n");
 
-        let st = sync_tree_with_margin(&src, &dst, &since(&opts, t0), 0, scan).unwrap();
+        let st = sync_tree_with_margin(&src, &dst, &since(&opts, t0), 0, scan, Some(&ids)).unwrap();
         assert_eq!(st.files_copied, 2, "{st:?}");
         assert_eq!(fs::read(dst.join("newfile")).unwrap(), b"new");
         assert_eq!(
@@ -686,38 +691,67 @@ fn changed_since_does_not_look_at_unchanged_entries() {
     }
 }
 
-/// A name of a changed directory that the scan saw and the walk no longer finds left during
-/// the write-back, maybe for a directory the walk does not visit: it stays on disk until the
-/// next write-back, which writes its new place first. A name gone before the scan goes.
-#[test]
-fn a_name_that_leaves_during_the_write_back_is_deleted_by_the_next_one() {
-    let opts = durable();
-    let (_t, src, dst, t0) = synced_pair(&opts);
-    let old = fs::read(dst.join("u1/u2/f1")).unwrap();
-    fs::remove_file(src.join("u1/u2/f2")).unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(30));
-    let t1 = Timestamp::now();
-    std::thread::sleep(std::time::Duration::from_millis(30));
-    let cutoff = engine::cutoff(t0, 0).unwrap();
-    let scanned = scan::changed_since(&src, cutoff).unwrap();
-    // After the scan, before the walk: into a directory unchanged at the scan.
-    fs::rename(src.join("u1/u2/f1"), src.join("many2/moved")).unwrap();
-    let opts_since = since(&opts, t0);
-    let mut engine = Engine::new(&src, &dst, &opts_since, None);
+/// The walk of what `scanned` marked (as `sync_tree` does after its scan), with no margin.
+fn walk_scanned(src: &Path, dst: &Path, opts: &CopyOptions, scanned: &scan::Scanned) {
+    let mut engine = Engine::new(src, dst, opts, None);
     engine.margin = 0;
     engine.journal = Some(&scanned.marks);
     engine.scanned = Some(&scanned.listed);
     engine.run().unwrap();
-    assert!(!dst.join("u1/u2/f2").exists(), "gone before the scan");
-    assert_eq!(
-        fs::read(dst.join("u1/u2/f1")).unwrap(),
-        old,
-        "kept until its new place is written"
-    );
-    assert!(!dst.join("many2/moved").exists(), "not visited");
-    let st = sync_tree_with_margin(&src, &dst, &since(&opts, t1), 0, true).unwrap();
-    assert_same(&src, &dst);
-    assert_eq!((st.files_copied, st.deleted), (1, 1), "{st:?}");
+}
+
+/// A name of a changed directory that the scan saw and the walk no longer finds left during
+/// the write-back, maybe for a directory the walk does not visit: it stays on disk until the
+/// next write-back, which writes its new place first. A name gone before the scan goes.
+///
+/// The same during the scan: a name renamed out of a changed directory not listed yet into one
+/// listed already (its parent, which is unchanged at the scan and not walked) is in neither
+/// listing. The changed directory keeps no names, so nothing is deleted there (the name gone
+/// before the scan goes with the next write-back too).
+#[test]
+fn a_name_that_leaves_during_the_write_back_is_deleted_by_the_next_one() {
+    for during_scan in [false, true] {
+        let opts = durable();
+        let (_t, src, dst, t0) = synced_pair(&opts);
+        let ids = scan::dir_ids(&src).unwrap();
+        let old = fs::read(dst.join("u1/u2/f1")).unwrap();
+        fs::remove_file(src.join("u1/u2/f2")).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        let t1 = Timestamp::now();
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        let cutoff = engine::cutoff(t0, 0).unwrap();
+        let new_place = if during_scan {
+            "u1/moved"
+        } else {
+            "many2/moved"
+        };
+        let mv = |rel: &[u8]| {
+            if during_scan && rel == b"u1/u2" {
+                fs::rename(src.join("u1/u2/f1"), src.join(new_place)).unwrap();
+            }
+        };
+        let scanned = scan::scan(&src, cutoff, Some(&ids), Some(&mv)).unwrap();
+        if !during_scan {
+            // After the scan, before the walk: into a directory unchanged at the scan.
+            fs::rename(src.join("u1/u2/f1"), src.join(new_place)).unwrap();
+        }
+        walk_scanned(&src, &dst, &since(&opts, t0), &scanned);
+        assert_eq!(
+            dst.join("u1/u2/f2").exists(),
+            during_scan,
+            "gone before the scan: deleted unless its directory changed during the scan"
+        );
+        assert_eq!(
+            fs::read(dst.join("u1/u2/f1")).unwrap(),
+            old,
+            "kept until its new place is written"
+        );
+        assert!(!dst.join(new_place).exists(), "not visited");
+        let st = sync_tree_with_margin(&src, &dst, &since(&opts, t1), 0, true, None).unwrap();
+        assert_same(&src, &dst);
+        let deleted = if during_scan { 2 } else { 1 };
+        assert_eq!((st.files_copied, st.deleted), (1, deleted), "{st:?}");
+    }
 }
 
 #[test]
@@ -873,4 +907,60 @@ fn journaled_sync_never_deletes_an_old_name_before_the_new_one_exists() {
     sync_tree_journaled(&src, &dst, &durable(), &next).unwrap();
     assert_same(&src, &dst);
     no_temps(&dst);
+}
+
+/// Two directories swapped by renames (and one moved over another): their files keep their
+/// ctimes and names, so by ctime alone nothing in them changed. The record of where each
+/// directory was (see `dirids`) tells them apart: compared whole, their files are right on
+/// disk. Without a record every changed directory is compared whole.
+#[test]
+fn directories_swapped_by_renames_are_compared_whole() {
+    for with_record in [true, false] {
+        let opts = durable();
+        let (t, src, dst, t0) = synced_pair(&opts);
+        let file = t.path().join("ids");
+        dirids::save(&file, t0, &scan::dir_ids(&src).unwrap()).unwrap();
+        fs::rename(src.join("many"), src.join("tmp")).unwrap();
+        fs::rename(src.join("many2"), src.join("many")).unwrap();
+        fs::rename(src.join("tmp"), src.join("many2")).unwrap();
+        fs::rename(src.join("u1/u2/u3"), src.join("u3-old")).unwrap();
+        fs::rename(src.join("u1/u2"), src.join("u1/u3")).unwrap();
+        if !with_record {
+            dirids::forget(&file).unwrap();
+        }
+        // Older than the scan's start by more than a clock tick (else the old names would be
+        // left to the next write-back, see `scan`).
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        let clean_at = Timestamp::now();
+        let ids = DirIdsFile {
+            path: file.clone(),
+            clean_at,
+        };
+        let st = write_back(&src, &dst, &since(&opts, t0), None, None, Some(&ids)).unwrap();
+        assert_same(&src, &dst);
+        assert_eq!(
+            fs::read(dst.join("many/m5")).unwrap(),
+            b"many2 5",
+            "with record: {with_record}"
+        );
+        // 200 files swapped, u1/u3's 3 and u3-old's 3 new on disk.
+        assert_eq!(st.files_copied, 206, "{st:?}");
+        // A record for the next write-back, tagged with the time it counts from.
+        let next = dirids::load(&file, clean_at).expect("a record");
+        assert!(next.len() >= 8, "{}", next.len());
+        // With it, nothing more moved: nothing compared whole.
+        let st = write_back(
+            &src,
+            &dst,
+            &since(&opts, clean_at),
+            None,
+            None,
+            Some(&DirIdsFile {
+                path: file.clone(),
+                clean_at: Timestamp::now(),
+            }),
+        )
+        .unwrap();
+        assert_eq!((st.files_copied, st.unchanged), (0, 0), "{st:?}");
+    }
 }
