@@ -84,6 +84,9 @@ pub enum Job {
     /// crash midway never leaves a half-deleted tree under a name recovery would trust.
     Discard {
         path: PathBuf,
+        /// The record of the tree's directories (see `copy::write_back`), removed first.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        record: Option<PathBuf>,
     },
     /// Remove `path` and the empty directories inside it; anything non-empty stays.
     Prune {
@@ -354,7 +357,12 @@ fn execute(job: &Job, fd: Option<OwnedFd>) -> Result<Output, String> {
             .map(|_| Output::Done)
             .map_err(|x| e(&x)),
         Job::Remove { path } => remove_tree(path).map(|_| Output::Done),
-        Job::Discard { path } => discard(path).map(|_| Output::Done),
+        Job::Discard { path, record } => {
+            if let Some(r) = record {
+                copy::forget_dir_ids(r).map_err(|x| format!("remove {}: {x}", r.display()))?;
+            }
+            discard(path).map(|_| Output::Done)
+        }
         Job::Prune { path } => {
             prune(path);
             Ok(Output::Done)
@@ -379,13 +387,6 @@ fn execute(job: &Job, fd: Option<OwnedFd>) -> Result<Output, String> {
 
 /// Remove the contents of `path` without following symlinks (remove_dir_all does not follow them).
 fn discard(path: &std::path::Path) -> Result<(), String> {
-    // The record of where the copy's directories are goes with it (see `copy::write_back`).
-    let ids = crate::paths::dir_ids_of(path);
-    if let Err(x) = std::fs::remove_file(&ids) {
-        if x.kind() != std::io::ErrorKind::NotFound {
-            return Err(format!("remove {}: {x}", ids.display()));
-        }
-    }
     let trash = crate::paths::trash(path);
     remove_tree(&trash)?;
     match std::fs::rename(path, &trash) {

@@ -59,11 +59,6 @@ pub fn trash(path: &Path) -> PathBuf {
     with_suffix(path, ".asd-trash")
 }
 
-/// The record of where a RAM copy's directories are (see [`TargetPaths::dir_ids`]).
-pub fn dir_ids_of(volatile: &Path) -> PathBuf {
-    with_suffix(volatile, ".asd-dirs")
-}
-
 /// Joins an absolute path below `base` (`/tmp/asd-u` + `/p/name` → `/tmp/asd-u/p/name`).
 pub fn nest(base: &Path, absolute: &Path) -> PathBuf {
     let rel = absolute.strip_prefix("/").unwrap_or(absolute);
@@ -122,9 +117,10 @@ impl TargetPaths {
     }
 
     /// Copy mode: where the RAM copy's directories are, recorded by each write-back for the
-    /// next (see `copy::write_back`); in RAM, next to the copy, and removed with it.
+    /// next (see `copy::write_back`): `$VOLATILE/asd-<user>/.dirids/p/name`, in RAM like the
+    /// copy, and removed with it.
     pub fn dir_ids(&self) -> PathBuf {
-        dir_ids_of(&self.volatile)
+        nest(&self.user_area.join(".dirids"), &self.target)
     }
 
     /// The target's parent directory.

@@ -387,7 +387,7 @@ pub fn cleanup(t: &TargetState) -> Result<(), RecoverError> {
     // their order: after an unsync neither is trusted by recovery (the state says the target
     // is uncovered), and each is renamed aside before any of it is deleted.
     let (ram, disk) = std::thread::scope(|s| {
-        let ram = s.spawn(|| discard(t, &p.volatile));
+        let ram = s.spawn(|| discard(t, &p.volatile, Some(&p.dir_ids())));
         let disk = [&p.old_partial, &p.old]
             .into_iter()
             .try_for_each(|dir| remove_aside(t, dir));
@@ -406,7 +406,7 @@ pub fn cleanup(t: &TargetState) -> Result<(), RecoverError> {
     disk?;
     // The upper layer and the work directory before the change set: a change set without its
     // upper layer is what recovery applies, never the other way round.
-    discard(t, &p.upper)?;
+    discard(t, &p.upper, None)?;
     if nsops::exists(&p.work) {
         // An overlay mounted by root leaves `work/work` root's and mode 0000: root removes that
         // empty directory (through descriptors, no symlinks followed), the owner the rest.
@@ -424,12 +424,15 @@ pub fn cleanup(t: &TargetState) -> Result<(), RecoverError> {
 
 /// The RAM copy and the upper layer are renamed aside before being deleted (the job does it):
 /// recovery trusts them by name, and must never find a half-deleted one there.
-fn discard(t: &TargetState, dir: &Path) -> Result<(), RecoverError> {
-    if nsops::exists(dir) || nsops::exists(&paths::trash(dir)) {
+/// `record`: the record of the tree's directories (see `copy::write_back`), removed with it.
+fn discard(t: &TargetState, dir: &Path, record: Option<&Path>) -> Result<(), RecoverError> {
+    let record = record.filter(|r| nsops::exists(r));
+    if nsops::exists(dir) || nsops::exists(&paths::trash(dir)) || record.is_some() {
         owner::run(
             &t.owner,
             &Job::Discard {
                 path: dir.to_path_buf(),
+                record: record.map(Path::to_path_buf),
             },
             None,
         )?;

@@ -14,8 +14,8 @@
 //! that record in full, subtree and all. Without a record it could trust (none, another
 //! write-back's, or the root's identity unknown), it does so for every changed directory.
 //!
-//! The record is kept in RAM next to the RAM copy (see `TargetPaths::dir_ids`), written anew by
-//! a write-back that succeeded, and removed before every other one starts, so it is never older
+//! The record is kept in RAM, in the user's area (see `TargetPaths::dir_ids`), made unusable
+//! before every write-back starts and written anew by one that succeeded, so it is never older
 //! than the last write-back. It is tagged with the time that write-back is counted clean from
 //! (the next one's `changed_since`): a record with another tag is not used. A record is left
 //! out where the scan was in doubt of where something is (a name gone while it looked, a
@@ -24,15 +24,15 @@
 
 use std::collections::HashSet;
 use std::io::{Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 
 use super::Timestamp;
 
 /// The file's first bytes: the format, so that another one is not misread.
 const MAGIC: &[u8; 8] = b"asdDIRS1";
-/// Records larger than this are not read (64 M directories).
-const MAX_IDS: u64 = 64 << 20;
+/// Records larger than this are not read (4 M directories; no RAM copy has that many).
+const MAX_IDS: u64 = 4 << 20;
 
 /// Where a write-back finds and leaves the record, and the time the write-back is counted clean
 /// from if it succeeds (the tag of the record it leaves).
@@ -61,12 +61,20 @@ pub(super) fn fingerprint(ino: u64, parent: u64, name: &[u8]) -> u64 {
 
 /// The record at `path` if it is tagged `tag`; None if there is none, it has another tag, or it
 /// cannot be read whole.
+/// Only a regular file of this process's user is read (whatever else is there, a FIFO that
+/// would block the open or a file of someone else's, is not a record of ours).
 pub(super) fn load(path: &Path, tag: Timestamp) -> Option<HashSet<u64>> {
+    use rustix::fs::OFlags;
+    use std::os::unix::fs::MetadataExt;
     let mut f = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .custom_flags((OFlags::NOFOLLOW | OFlags::NONBLOCK).bits() as i32)
         .open(path)
         .ok()?;
+    let m = f.metadata().ok()?;
+    if !m.file_type().is_file() || m.uid() != rustix::process::geteuid().as_raw() {
+        return None;
+    }
     let mut head = [0u8; 32];
     f.read_exact(&mut head).ok()?;
     let word = |i: usize| {
@@ -105,9 +113,13 @@ pub(super) fn load(path: &Path, tag: Timestamp) -> Option<HashSet<u64>> {
 /// reader sees the old record or the new one). Not synced: it lives in RAM, as the copy it
 /// describes does.
 pub(super) fn save(path: &Path, tag: Timestamp, ids: &HashSet<u64>) -> std::io::Result<()> {
-    let mut tmp = path.as_os_str().to_os_string();
-    tmp.push(".tmp");
-    let tmp = std::path::PathBuf::from(tmp);
+    if let Some(parent) = path.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)?;
+    }
+    let tmp = temp_of(path);
     let mut out = Vec::with_capacity(32 + ids.len() * 8);
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&tag.sec.to_le_bytes());
@@ -127,12 +139,51 @@ pub(super) fn save(path: &Path, tag: Timestamp, ids: &HashSet<u64>) -> std::io::
     std::fs::rename(&tmp, path)
 }
 
-/// Removes the record at `path`, if any: the next write-back by ctime trusts no identity.
-pub(super) fn forget(path: &Path) -> std::io::Result<()> {
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
+/// Makes the record at `path`, if any, unusable, before a write-back: its first bytes are
+/// overwritten in place. Not removed: that would free RAM in a full area for a program to take
+/// midway, and the record written at the end would not fit (it is written beside the old one
+/// and renamed over it). Something else than a regular file there is not a record anyway.
+pub(super) fn invalidate(path: &Path) -> std::io::Result<()> {
+    use rustix::fs::OFlags;
+    use rustix::io::Errno;
+    use std::os::unix::fs::FileExt;
+    let f = match std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags((OFlags::NOFOLLOW | OFlags::NONBLOCK).bits() as i32)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        // A directory, a FIFO without a reader, a symlink: not a record (`load` says so too).
+        Err(e) => {
+            let not_a_file = [Errno::ISDIR, Errno::NXIO, Errno::LOOP]
+                .iter()
+                .any(|n| e.raw_os_error() == Some(n.raw_os_error()));
+            return if not_a_file { Ok(()) } else { Err(e) };
+        }
+    };
+    if !f.metadata()?.file_type().is_file() {
+        return Ok(());
     }
+    f.write_all_at(&[0u8; 8], 0)
+}
+
+/// Removes the record at `path`, if any, and a temporary one left by a crash (the RAM copy it
+/// describes is discarded).
+pub fn forget(path: &Path) -> std::io::Result<()> {
+    for p in [temp_of(path), path.to_path_buf()] {
+        match std::fs::remove_file(&p) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn temp_of(path: &Path) -> std::path::PathBuf {
+    let mut tmp = path.as_os_str().to_os_string();
+    tmp.push(".tmp");
+    tmp.into()
 }
 
 #[cfg(test)]
@@ -153,9 +204,34 @@ mod tests {
         let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
         f.set_len(len - 1).unwrap();
         assert_eq!(load(&path, tag), None);
-        forget(&path).unwrap();
-        forget(&path).unwrap();
+        save(&path, tag, &ids).unwrap();
+        invalidate(&path).unwrap();
         assert_eq!(load(&path, tag), None);
+        forget(&path).unwrap();
+        forget(&path).unwrap();
+        invalidate(&path).unwrap();
+        assert_eq!(load(&path, tag), None);
+    }
+
+    /// A FIFO there (the user's own area) neither blocks nor counts as a record.
+    #[test]
+    fn only_a_regular_file_is_read() {
+        let t = tempfile::tempdir().unwrap();
+        let path = t.path().join("ids");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &path,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        assert_eq!(load(&path, Timestamp::default()), None);
+        invalidate(&path).unwrap();
+        forget(&path).unwrap();
+        std::fs::create_dir(&path).unwrap();
+        assert_eq!(load(&path, Timestamp::default()), None);
+        invalidate(&path).unwrap();
     }
 
     #[test]

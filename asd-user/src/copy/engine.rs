@@ -65,6 +65,9 @@ pub(super) struct DirCtx<'f> {
     /// The destination directory, or one above it, is being built under a temporary name:
     /// its path changes when that is renamed into place.
     pub(super) under_temp_name: bool,
+    /// The source directory's inode, where the walk checks a record of directories (see
+    /// `Engine::dir_ids`); 0 otherwise.
+    pub(super) src_ino: u64,
 }
 
 impl<'f> DirCtx<'f> {
@@ -88,6 +91,7 @@ impl<'f> DirCtx<'f> {
             pooled: Cell::new(false),
             node: None,
             under_temp_name: false,
+            src_ino: 0,
         }
     }
 
@@ -137,6 +141,9 @@ pub(super) struct Engine<'a> {
     /// With marks from a scan (see [`super::scan`]): the names the scan saw in each directory
     /// whose listing it marked.
     pub(super) scanned: Option<&'a HashMap<Vec<u8>, HashSet<CString>>>,
+    /// The record of directories this run is to leave (see `super::dirids`): every source
+    /// directory the walk opens is checked to be where it says.
+    pub(super) dir_ids: Option<&'a HashSet<u64>>,
     /// `CopyOptions::changed_since` minus the margin, unless ignored: source entries with an
     /// older ctime are unchanged.
     pub(super) cutoff: Option<Timestamp>,
@@ -225,6 +232,7 @@ impl<'a> Engine<'a> {
             hook,
             journal: None,
             scanned: None,
+            dir_ids: None,
             cutoff: None,
             margin: CTIME_MARGIN_MS,
             // Only write-backs: the disk side is never live.
@@ -299,6 +307,7 @@ impl<'a> Engine<'a> {
         let changed = self.dir_changed(node, &sm);
         let mut root = DirCtx::new(src.as_fd(), &dst, None, false, changed);
         root.node = node.filter(|n| !n.whole());
+        root.src_ino = sm.ino;
         self.sync_dir(&root);
         if let Some(p) = prefetch {
             p.stop();

@@ -87,7 +87,7 @@ use crate::journal::DirtyTree;
 use engine::Engine;
 
 pub use clone::{hardlink_clone, start_clone};
-pub use dirids::DirIdsFile;
+pub use dirids::{forget as forget_dir_ids, DirIdsFile};
 pub use tree::{find_hardlinked_files, remove_temp_files, tree_size};
 
 /// Prefix of temporary files the engine creates; crash recovery removes leftovers with this prefix.
@@ -195,6 +195,10 @@ pub struct CopyStats {
     pub deleted: u64,
     /// Entries that disappeared from the source during the walk (not an error).
     pub vanished: u64,
+    /// Source directories the walk found elsewhere than its scan saw them (moved meanwhile):
+    /// the write-back leaves no record of directories (see [`dirids`]).
+    #[serde(default)]
+    pub moved_meanwhile: u64,
     /// Entries found unchanged: examined, or (with `changed_since`) by their ctime alone.
     /// Directories are not counted.
     pub unchanged: u64,
@@ -297,12 +301,20 @@ pub fn write_back(
     dir_ids: Option<&DirIdsFile>,
 ) -> Result<CopyStats, CopyError> {
     let known = dir_ids
+        .filter(|_| changes.is_none())
         .zip(opts.changed_since)
         .and_then(|(f, since)| dirids::load(&f.path, since));
-    // Removed before anything is written: if this write-back fails, the record would describe
-    // neither the last one nor this one.
+    // Made unusable before anything is written: if this write-back fails, the record would
+    // describe neither the last one nor this one (and the next would count changes from the
+    // same time as this one, trusting it).
     if let Some(f) = dir_ids {
-        dirids::forget(&f.path).map_err(|e| cerr("remove", f.path.clone(), e))?;
+        dirids::invalidate(&f.path).map_err(|e| {
+            cerr(
+                "remove asd's record of directories (move it away)",
+                f.path.clone(),
+                e,
+            )
+        })?;
     }
     let scanned = changes
         .is_none()
@@ -316,19 +328,25 @@ pub fn write_back(
     let full_ids = (dir_ids.is_some() && changes.is_none() && opts.changed_since.is_none())
         .then(|| scan::dir_ids(src))
         .flatten();
+    let ids = full_ids
+        .as_ref()
+        .or_else(|| scanned.as_ref().and_then(|s| s.ids.as_ref()))
+        .filter(|_| dir_ids.is_some());
     let mut engine = Engine::new(src, dst, opts, None);
     engine.journal = changes.or(scanned.as_ref().map(|s| &s.marks));
     engine.scanned = scanned.as_ref().map(|s| &s.listed);
+    engine.dir_ids = ids;
     if let (Some(clone), true) = (start_clone, opts.durable) {
         engine.keeper = keep::Keeper::open(clone, std::sync::Arc::clone(&engine.policy))?;
     }
     let stats = engine.run()?;
-    // A source entry gone during the walk may be a directory that moved away and back: where
-    // it was not visited, what changed in it was not written. The next write-back then trusts
-    // no identity and compares every changed directory whole.
-    let ids = full_ids.or_else(|| scanned.and_then(|s| s.ids));
-    if let (Some(f), Some(ids), 0) = (dir_ids, ids, stats.vanished) {
-        if let Err(e) = dirids::save(&f.path, f.clean_at, &ids) {
+    // The record says where each directory was at the scan; it says what was written where
+    // only if the walk found each directory it opened there too, and none gone (one that
+    // moved away and back was not visited: what changed in it was not written). Otherwise the
+    // next write-back trusts no identity and compares every changed directory whole.
+    let settled = stats.vanished == 0 && stats.moved_meanwhile == 0;
+    if let (Some(f), Some(ids), true) = (dir_ids, ids, settled) {
+        if let Err(e) = dirids::save(&f.path, f.clean_at, ids) {
             tracing::warn!(
                 "{}: {e} (the next write-back compares more)",
                 f.path.display()

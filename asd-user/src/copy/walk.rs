@@ -5,14 +5,16 @@
 use std::cell::OnceCell;
 use std::collections::HashMap;
 use std::ffi::{CStr, CString, OsStr};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 
 use rustix::fs::{self as rfs, AtFlags, FileType, Mode};
 use rustix::io::Errno;
 use tracing::{debug, warn};
 
-use crate::fsio::{list_dir, mode, read_xattrs, remove_entry, wanted_xattr, Meta, XRef, DIR_FLAGS};
+use crate::fsio::{
+    fstat, list_dir, mode, read_xattrs, remove_entry, wanted_xattr, Meta, XRef, DIR_FLAGS,
+};
 
 use super::cerr;
 use super::durable::DirJob;
@@ -20,8 +22,36 @@ use super::engine::{DirCtx, Engine};
 use super::helpers::{list_dir_typed, push_rel};
 use super::probe::{DstProbe, InDst};
 
+/// A source directory opened by the walk, and its inode (0 where no record of directories is
+/// checked, see [`Engine::src_identity`]).
+pub(super) struct SrcDir {
+    fd: OwnedFd,
+    ino: u64,
+}
+
+impl AsFd for SrcDir {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
 impl Engine<'_> {
     // -- the walk ---------------------------------------------------------------------------
+
+    /// The inode of `src`, the source directory `name` in `d` just opened; counted in
+    /// `moved_meanwhile` if the record of directories this write-back is to leave (the scan's,
+    /// see `super::dirids`) does not have it there: it moved between the scan and the walk,
+    /// so the record does not say what was written where.
+    fn src_identity(&mut self, d: &DirCtx<'_>, name: &CStr, src: &OwnedFd) -> u64 {
+        let Some(ids) = self.dir_ids else {
+            return 0;
+        };
+        let ino = fstat(src.as_fd()).map_or(0, |m| m.ino);
+        if !ids.contains(&super::dirids::fingerprint(ino, d.src_ino, name.to_bytes())) {
+            self.stats.moved_meanwhile += 1;
+        }
+        ino
+    }
 
     pub(super) fn sync_dir(&mut self, d: &DirCtx<'_>) {
         // A journaled run in a directory whose listing did not change: the journal's names are
@@ -214,6 +244,10 @@ impl Engine<'_> {
                 return;
             }
         };
+        let src = SrcDir {
+            ino: self.src_identity(d, name, &src),
+            fd: src,
+        };
         let src_len = push_rel(&mut self.src_rel, name);
         match dm {
             _ if unchanged => {
@@ -235,7 +269,7 @@ impl Engine<'_> {
         &mut self,
         d: &DirCtx<'_>,
         name: &CStr,
-        src: &OwnedFd,
+        src: &SrcDir,
         sm: &Meta,
         dst: &OnceCell<OwnedFd>,
         made_writable: bool,
@@ -246,6 +280,7 @@ impl Engine<'_> {
             .and_then(|n| n.child(OsStr::from_bytes(name.to_bytes())));
         let changed = self.dir_changed(node, sm);
         let mut cd = DirCtx::new(src.as_fd(), dst, Some((d, name)), false, changed);
+        cd.src_ino = src.ino;
         cd.node = node.filter(|n| !n.whole());
         cd.under_temp_name = d.under_temp_name;
         cd.made_writable.set(made_writable);
@@ -260,7 +295,7 @@ impl Engine<'_> {
         &mut self,
         d: &DirCtx<'_>,
         name: &CStr,
-        src: &OwnedFd,
+        src: &SrcDir,
         sm: &Meta,
         dm: &Meta,
     ) {
@@ -297,7 +332,7 @@ impl Engine<'_> {
         &mut self,
         d: &DirCtx<'_>,
         name: &CStr,
-        src: &OwnedFd,
+        src: &SrcDir,
         sm: &Meta,
         dm: Option<&Meta>,
     ) {
@@ -330,6 +365,7 @@ impl Engine<'_> {
         let dst_len = push_rel(&mut self.dst_rel, &dname);
         let dst = OnceCell::from(dst);
         let mut cd = DirCtx::new(src.as_fd(), &dst, Some((d, &dname)), true, true);
+        cd.src_ino = src.ino;
         cd.under_temp_name = d.under_temp_name || !direct;
         self.sync_dir(&cd);
         self.finish_dir(&cd, sm);
