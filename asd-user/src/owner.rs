@@ -358,8 +358,12 @@ fn execute(job: &Job, fd: Option<OwnedFd>) -> Result<Output, String> {
             .map_err(|x| e(&x)),
         Job::Remove { path } => remove_tree(path).map(|_| Output::Done),
         Job::Discard { path, record } => {
+            // Best effort: a record left over is never trusted by another RAM copy (its root
+            // is another directory), and the copy must go all the same.
             if let Some(r) = record {
-                copy::forget_dir_ids(r).map_err(|x| format!("remove {}: {x}", r.display()))?;
+                if let Err(x) = copy::forget_dir_ids(r) {
+                    tracing::warn!("remove {}: {x}", r.display());
+                }
             }
             discard(path).map(|_| Output::Done)
         }

@@ -59,20 +59,29 @@ pub(super) fn fingerprint(ino: u64, parent: u64, name: &[u8]) -> u64 {
     h
 }
 
-/// The record at `path` if it is tagged `tag`; None if there is none, it has another tag, or it
-/// cannot be read whole.
-/// Only a regular file of this process's user is read (whatever else is there, a FIFO that
-/// would block the open or a file of someone else's, is not a record of ours).
-pub(super) fn load(path: &Path, tag: Timestamp) -> Option<HashSet<u64>> {
-    use rustix::fs::OFlags;
+/// Whether `m` can be a record of ours: a regular file of this process's user, with one name
+/// (whatever else is there, a FIFO that would block the open, a file of someone else's or one
+/// linked elsewhere, is not).
+fn ours(m: &std::fs::Metadata) -> bool {
     use std::os::unix::fs::MetadataExt;
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
+    m.file_type().is_file() && m.uid() == rustix::process::geteuid().as_raw() && m.nlink() == 1
+}
+
+/// Opens `path` as a record may be opened: never through a symlink, never waiting (a FIFO).
+fn open(path: &Path, write: bool) -> std::io::Result<std::fs::File> {
+    use rustix::fs::OFlags;
+    std::fs::OpenOptions::new()
+        .read(!write)
+        .write(write)
         .custom_flags((OFlags::NOFOLLOW | OFlags::NONBLOCK).bits() as i32)
         .open(path)
-        .ok()?;
-    let m = f.metadata().ok()?;
-    if !m.file_type().is_file() || m.uid() != rustix::process::geteuid().as_raw() {
+}
+
+/// The record at `path` if it is tagged `tag`; None if there is none, it has another tag, it
+/// cannot be read whole, or it is not [`ours`].
+pub(super) fn load(path: &Path, tag: Timestamp) -> Option<HashSet<u64>> {
+    let mut f = open(path, false).ok()?;
+    if !ours(&f.metadata().ok()?) {
         return None;
     }
     let mut head = [0u8; 32];
@@ -143,26 +152,34 @@ pub(super) fn save(path: &Path, tag: Timestamp, ids: &HashSet<u64>) -> std::io::
 /// overwritten in place. Not removed: that would free RAM in a full area for a program to take
 /// midway, and the record written at the end would not fit (it is written beside the old one
 /// and renamed over it). Something else than a regular file there is not a record anyway.
+///
+/// An error only if a record `load` would read stays as it was (then the write-back must not
+/// run: if it failed, the next one would trust the record).
 pub(super) fn invalidate(path: &Path) -> std::io::Result<()> {
-    use rustix::fs::OFlags;
     use rustix::io::Errno;
     use std::os::unix::fs::FileExt;
-    let f = match std::fs::OpenOptions::new()
-        .write(true)
-        .custom_flags((OFlags::NOFOLLOW | OFlags::NONBLOCK).bits() as i32)
-        .open(path)
-    {
+    let f = match open(path, true) {
         Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        // A directory, a FIFO without a reader, a symlink: not a record (`load` says so too).
+        // Nothing there, or not a record (a directory, a FIFO without a reader, a symlink, a
+        // path through a file): `load` reads none either.
         Err(e) => {
-            let not_a_file = [Errno::ISDIR, Errno::NXIO, Errno::LOOP]
-                .iter()
-                .any(|n| e.raw_os_error() == Some(n.raw_os_error()));
-            return if not_a_file { Ok(()) } else { Err(e) };
+            let none = [
+                Errno::NOENT,
+                Errno::NOTDIR,
+                Errno::ISDIR,
+                Errno::NXIO,
+                Errno::LOOP,
+            ]
+            .iter()
+            .any(|n| e.raw_os_error() == Some(n.raw_os_error()));
+            if none {
+                return Ok(());
+            }
+            // Not writable (its mode changed): removed instead, if the directory allows.
+            return std::fs::remove_file(path).map_err(|_| e);
         }
     };
-    if !f.metadata()?.file_type().is_file() {
+    if !ours(&f.metadata()?) {
         return Ok(());
     }
     f.write_all_at(&[0u8; 8], 0)
@@ -180,10 +197,12 @@ pub fn forget(path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The name a record is written under before it is renamed into place: a prefix no record's
+/// name (a target's) has.
 fn temp_of(path: &Path) -> std::path::PathBuf {
-    let mut tmp = path.as_os_str().to_os_string();
-    tmp.push(".tmp");
-    tmp.into()
+    let mut name = std::ffi::OsString::from(super::TEMP_PREFIX);
+    name.push(path.file_name().unwrap_or_default());
+    path.with_file_name(name)
 }
 
 #[cfg(test)]

@@ -308,6 +308,13 @@ impl<'a> Engine<'a> {
         let mut root = DirCtx::new(src.as_fd(), &dst, None, false, changed);
         root.node = node.filter(|n| !n.whole());
         root.src_ino = sm.ino;
+        // The root itself replaced since the scan: the record is of another tree.
+        if self
+            .dir_ids
+            .is_some_and(|ids| !ids.contains(&super::dirids::fingerprint(sm.ino, 0, b"")))
+        {
+            self.stats.moved_meanwhile += 1;
+        }
         self.sync_dir(&root);
         if let Some(p) = prefetch {
             p.stop();

@@ -300,6 +300,20 @@ pub fn write_back(
     start_clone: Option<&Path>,
     dir_ids: Option<&DirIdsFile>,
 ) -> Result<CopyStats, CopyError> {
+    write_back_hooked(src, dst, opts, changes, start_clone, dir_ids, &|| {})
+}
+
+/// [`write_back`], calling `after_scan` between the scan and the walk (tests change the tree
+/// there).
+fn write_back_hooked(
+    src: &Path,
+    dst: &Path,
+    opts: &CopyOptions,
+    changes: Option<&DirtyTree>,
+    start_clone: Option<&Path>,
+    dir_ids: Option<&DirIdsFile>,
+    after_scan: &dyn Fn(),
+) -> Result<CopyStats, CopyError> {
     let known = dir_ids
         .filter(|_| changes.is_none())
         .zip(opts.changed_since)
@@ -310,7 +324,7 @@ pub fn write_back(
     if let Some(f) = dir_ids {
         dirids::invalidate(&f.path).map_err(|e| {
             cerr(
-                "remove asd's record of directories (move it away)",
+                "invalidate asd's record of directories (move it away)",
                 f.path.clone(),
                 e,
             )
@@ -320,6 +334,7 @@ pub fn write_back(
         .is_none()
         .then(|| scan_changes(src, opts, known.as_ref()))
         .flatten();
+    after_scan();
     let opts = &match changes {
         Some(_) => *opts,
         None => without_scan_full(opts, scanned.as_ref()),

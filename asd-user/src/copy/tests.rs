@@ -994,3 +994,53 @@ fn directories_swapped_between_the_scan_and_the_walk_leave_no_record() {
         assert_eq!(st.moved_meanwhile, u64::from(swapped), "{st:?}");
     }
 }
+
+/// The same end to end through `write_back`: the swap between its scan and its walk leaves no
+/// record, so the next write-back, after the directories are swapped back, compares the
+/// changed ones whole and each file ends up under its own name on disk. A write-back with new
+/// nested directories, and nothing moved, does leave one.
+#[test]
+fn a_swap_between_the_scan_and_the_walk_is_put_right_by_the_next_write_back() {
+    let opts = durable();
+    let (t, src, dst, t0) = synced_pair(&opts);
+    let file = t.path().join("ids");
+    let record = |clean_at| DirIdsFile {
+        path: file.clone(),
+        clean_at,
+    };
+    dirids::save(&file, t0, &scan::dir_ids(&src).unwrap()).unwrap();
+    fs::create_dir_all(src.join("new/a/b")).unwrap();
+    write(&src.join("new/a/b/f"), b"deep new");
+    std::thread::sleep(std::time::Duration::from_millis(30));
+    let t1 = Timestamp::now();
+    write_back(&src, &dst, &since(&opts, t0), None, None, Some(&record(t1))).unwrap();
+    assert!(dirids::load(&file, t1).is_some(), "nothing moved: a record");
+
+    // Older than the next cutoff (the margin is in force here).
+    write(&src.join("many/m5"), b"many 5 changed");
+    std::thread::sleep(std::time::Duration::from_millis(2 * CTIME_MARGIN_MS as u64));
+    let swap = || {
+        fs::rename(src.join("many"), src.join("tmp")).unwrap();
+        fs::rename(src.join("many2"), src.join("many")).unwrap();
+        fs::rename(src.join("tmp"), src.join("many2")).unwrap();
+    };
+    let t2 = Timestamp::now();
+    let st = write_back_hooked(
+        &src,
+        &dst,
+        &since(&opts, t1),
+        None,
+        None,
+        Some(&record(t2)),
+        &swap,
+    )
+    .unwrap();
+    assert!(st.moved_meanwhile > 0, "{st:?}");
+    assert!(dirids::load(&file, t2).is_none(), "no record");
+    swap();
+    std::thread::sleep(std::time::Duration::from_millis(30));
+    let t3 = Timestamp::now();
+    write_back(&src, &dst, &since(&opts, t2), None, None, Some(&record(t3))).unwrap();
+    assert_same(&src, &dst);
+    assert_eq!(fs::read(dst.join("many/m5")).unwrap(), b"many 5 changed");
+}
